@@ -1,0 +1,17 @@
+"""kvlib: the small library under the KV-Cache Book.
+
+One concept per module: `config` (shapes), `attention` (reference attention), `cache`
+(the cache contract and its implementations), `model` (a Llama-style decoder), `sampling`,
+`analysis` (memory and FLOP formulas, real model presets), `bench` (timing).
+"""
+
+from kvlib.cache import FlatKVCache, KVCache
+from kvlib.config import CacheConfig, Layout, ModelConfig
+from kvlib.model import Generation, MultiHeadAttention, TransformerBlock, TransformerLM
+from kvlib.sampling import SamplingParams
+
+__all__ = [
+    "CacheConfig", "FlatKVCache", "Generation", "KVCache", "Layout", "ModelConfig",
+    "MultiHeadAttention", "SamplingParams", "TransformerBlock", "TransformerLM",
+]
+__version__ = "0.1.0"

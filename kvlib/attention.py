@@ -1,0 +1,116 @@
+"""Reference attention: causal masking, grouped-query heads, decoding over a cache.
+
+These are the plain paths every fast kernel in the book is checked against. They favour
+clarity over speed: the score matrix is materialised, and the mask is built explicitly.
+
+Shapes (legend): B batch, H query heads, Hkv KV heads, G = H // Hkv query heads per KV head,
+T new tokens (queries), S keys (cached + new), D head dim.
+
+Masking rule. Query t of sequence b sits at absolute position `q_positions[b, t]`; key j of
+that sequence is visible when `j <= q_positions[b, t]` (causal) and `j < kv_lens[b]` (the key
+exists; rows of a batch have different lengths and the key tensor is padded to the longest).
+
+>>> q_positions = torch.tensor([[3]])   # one new token at position 3...
+>>> kv_lens = torch.tensor([4])          # ...over a cache holding positions 0..3
+>>> attention_mask(q_positions, kv_lens, num_keys=6).int().tolist()
+[[[1, 1, 1, 1, 0, 0]]]
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def attention_mask(q_positions: torch.Tensor, kv_lens: torch.Tensor, num_keys: int) -> torch.Tensor:
+    """Boolean mask (B, T, S): True where query t of row b may attend to key j."""
+    keys = torch.arange(num_keys, device=q_positions.device)  # (S,)
+    causal = keys[None, None, :] <= q_positions[:, :, None]  # (B, T, S)
+    exists = keys[None, None, :] < kv_lens.to(q_positions.device)[:, None, None]  # (B, 1, S)
+    return causal & exists
+
+
+def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
+        raise ValueError(
+            "expected q (B, H, T, D) and k, v (B, Hkv, S, D) of equal shape, got "
+            f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    (B, H, _, D), (Bk, Hkv, _, Dk) = q.shape, k.shape
+    if B != Bk or D != Dk:
+        raise ValueError(
+            f"q and k disagree on batch or head dim: q {tuple(q.shape)}, k {tuple(k.shape)}"
+        )
+    if H % Hkv != 0:
+        raise ValueError(f"query heads ({H}) must be a multiple of KV heads ({Hkv})")
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_positions: torch.Tensor,
+    kv_lens: torch.Tensor,
+) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D) + mask) v with grouped-query heads.
+
+    Args:
+        q: (B, H, T, D) queries.
+        k, v: (B, Hkv, S, D) keys and values; any strides (a view into a cache is fine).
+        q_positions: (B, T) absolute position of each query.
+        kv_lens: (B,) number of valid keys per row; keys at j >= kv_lens[b] are padding.
+
+    Returns:
+        (B, H, T, D) attention output, in q's dtype.
+    """
+    _check_qkv(q, k, v)
+    B, H, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    G = H // Hkv
+    # Group query heads by the KV head they share, instead of copying K and V G times.
+    qg = q.reshape(B, Hkv, G, T, D)  # (B, Hkv, G, T, D)
+    scores = torch.matmul(qg, k.unsqueeze(2).transpose(-1, -2))  # (B, Hkv, G, T, S)
+    scores = scores.float() / math.sqrt(D)
+    mask = attention_mask(q_positions, kv_lens, S)  # (B, T, S)
+    scores = scores.masked_fill(~mask[:, None, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)  # (B, Hkv, G, T, S)
+    out = torch.matmul(probs, v.unsqueeze(2))  # (B, Hkv, G, T, D)
+    return out.reshape(B, H, T, D)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Plain causal self-attention over T tokens: q (B, H, T, D), k, v (B, Hkv, T, D)."""
+    _check_qkv(q, k, v)
+    B, _, T, _ = q.shape
+    if k.shape[2] != T:
+        raise ValueError(f"causal_attention needs as many keys as queries, got q {tuple(q.shape)}"
+                         f" and k {tuple(k.shape)}")
+    positions = torch.arange(T, device=q.device).expand(B, T)  # (B, T)
+    kv_lens = torch.full((B,), T, device=q.device)  # (B,)
+    return attention(q, k, v, positions, kv_lens)
+
+
+def decode_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context_lens: torch.Tensor
+) -> torch.Tensor:
+    """One new token per sequence attending to everything cached for it.
+
+    Args:
+        q: (B, H, D) the new token's queries.
+        k, v: (B, Hkv, S, D) cached keys and values (new token included), padded past
+            `context_lens[b]`; any strides, so both flat cache layouts can be passed as views.
+        context_lens: (B,) keys per sequence, the new token included.
+
+    Returns:
+        (B, H, D).
+    """
+    if q.dim() != 3:
+        raise ValueError(f"decode_attention expects q (B, H, D), got {tuple(q.shape)}")
+    if context_lens.shape != (q.shape[0],):
+        raise ValueError(f"context_lens must be (B,) = ({q.shape[0]},), got "
+                         f"{tuple(context_lens.shape)}")
+    if k.dim() == 4 and bool((context_lens > k.shape[2]).any()):
+        raise ValueError(f"context_lens {context_lens.tolist()} exceed the {k.shape[2]} keys given")
+    positions = (context_lens - 1).to(q.device)[:, None]  # (B, 1): the new token is the last
+    return attention(q.unsqueeze(2), k, v, positions, context_lens).squeeze(2)  # (B, H, D)

@@ -1,0 +1,149 @@
+"""Configuration: the shape of a model and the shape of its KV cache.
+
+Both are frozen dataclasses validated on construction, so a bad value fails where it is
+written, with the field's name, instead of deep inside a matmul.
+
+>>> cfg = ModelConfig(vocab_size=1000, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2)
+>>> cfg.head_dim, cfg.queries_per_kv
+(16, 2)
+>>> CacheConfig.for_model(cfg, max_batch_size=3, max_seq_len=128).shape
+(2, 3, 128, 2, 2, 16)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+import torch
+
+
+class Layout(str, Enum):
+    """How a flat cache orders its dimensions.
+
+    SEQ_MAJOR is the original design's `[layers, batch, seq, 2, kv_heads, head_dim]`: one
+    token's keys and values for every head sit together, which makes appending cheap.
+    HEAD_MAJOR is `[layers, 2, batch, kv_heads, seq, head_dim]`: each head's keys form one
+    contiguous `(seq, head_dim)` matrix, which is what an attention kernel reads.
+    """
+
+    SEQ_MAJOR = "seq_major"
+    HEAD_MAJOR = "head_major"
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+def _positive_int(owner: str, name: str, value: object) -> None:
+    _require(
+        isinstance(value, int) and not isinstance(value, bool) and value > 0,
+        f"{owner}.{name} must be a positive int, got {value!r}",
+    )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The shape of a Llama-style decoder.
+
+    `head_dim` defaults to `d_model // num_heads`; it may differ (some models decouple them).
+    `num_kv_heads` below `num_heads` is grouped-query attention (one KV head per group of
+    `queries_per_kv` query heads); `num_kv_heads == 1` is multi-query attention.
+    """
+
+    vocab_size: int
+    d_model: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int = 0  # 0: derive d_model // num_heads
+    ffn_dim: int = 0  # 0: derive 4 * d_model
+    rope_theta: float = 10_000.0
+    norm_eps: float = 1e-5
+    max_seq_len: int = 2048
+    tie_embeddings: bool = False
+    name: str = field(default="custom", compare=False)
+
+    def __post_init__(self) -> None:
+        if self.head_dim == 0:
+            _require(
+                isinstance(self.num_heads, int) and self.num_heads > 0
+                and self.d_model % self.num_heads == 0,
+                f"ModelConfig.d_model ({self.d_model}) must be divisible by num_heads "
+                f"({self.num_heads}) when head_dim is not given",
+            )
+            object.__setattr__(self, "head_dim", self.d_model // self.num_heads)
+        if self.ffn_dim == 0:
+            object.__setattr__(self, "ffn_dim", 4 * self.d_model)
+        for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads",
+                     "head_dim", "ffn_dim", "max_seq_len"):
+            _positive_int("ModelConfig", name, getattr(self, name))
+        _require(
+            self.num_heads % self.num_kv_heads == 0,
+            f"ModelConfig.num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
+            f"({self.num_kv_heads}): each KV head serves a whole group of query heads",
+        )
+        _require(self.head_dim % 2 == 0,
+                 f"ModelConfig.head_dim must be even for rotary embeddings, got {self.head_dim}")
+        _require(self.rope_theta > 0, f"ModelConfig.rope_theta must be > 0, got {self.rope_theta}")
+        _require(self.norm_eps > 0, f"ModelConfig.norm_eps must be > 0, got {self.norm_eps}")
+
+    @property
+    def queries_per_kv(self) -> int:
+        """Query heads sharing one KV head (the GQA group size)."""
+        return self.num_heads // self.num_kv_heads
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The shape of a KV cache: which model dimensions it stores and how much room it has.
+
+    `max_batch_size` and `max_seq_len` size a flat (preallocated) cache; `block_size` is for
+    the paged cache, which carves the same memory into blocks of that many tokens.
+    """
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    max_batch_size: int
+    max_seq_len: int
+    dtype: torch.dtype = torch.float32
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    layout: Layout = Layout.SEQ_MAJOR
+    block_size: int = 16
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "num_kv_heads", "head_dim", "max_batch_size",
+                     "max_seq_len", "block_size"):
+            _positive_int("CacheConfig", name, getattr(self, name))
+        _require(isinstance(self.dtype, torch.dtype) and self.dtype.is_floating_point,
+                 f"CacheConfig.dtype must be a floating torch.dtype, got {self.dtype!r}")
+        try:
+            object.__setattr__(self, "device", torch.device(self.device))
+            object.__setattr__(self, "layout", Layout(self.layout))
+        except (RuntimeError, TypeError, ValueError) as err:
+            raise ValueError(f"CacheConfig: {err}") from None
+
+    @classmethod
+    def for_model(cls, model: ModelConfig, *, max_batch_size: int, max_seq_len: int,
+                  **kwargs) -> CacheConfig:
+        """A cache config with the model's layers, KV heads and head dim."""
+        return cls(num_layers=model.num_layers, num_kv_heads=model.num_kv_heads,
+                   head_dim=model.head_dim, max_batch_size=max_batch_size,
+                   max_seq_len=max_seq_len, **kwargs)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The flat cache's tensor shape in this layout (K and V in one tensor)."""
+        L, B, S, H, D = (self.num_layers, self.max_batch_size, self.max_seq_len,
+                         self.num_kv_heads, self.head_dim)
+        if self.layout is Layout.SEQ_MAJOR:
+            return (L, B, S, 2, H, D)
+        return (L, 2, B, H, S, D)
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Bytes one token occupies across all layers: K and V, every KV head."""
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * itemsize
