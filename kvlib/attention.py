@@ -66,16 +66,20 @@ def attention(
     """
     _check_qkv(q, k, v)
     B, H, T, D = q.shape
+    if q_positions.shape != (B, T) or kv_lens.shape != (B,):
+        raise ValueError(f"expected q_positions (B, T) = {(B, T)} and kv_lens (B,) = {(B,)}, "
+                         f"got {tuple(q_positions.shape)} and {tuple(kv_lens.shape)}")
     Hkv, S = k.shape[1], k.shape[2]
     G = H // Hkv
-    # Group query heads by the KV head they share, instead of copying K and V G times.
-    qg = q.reshape(B, Hkv, G, T, D)  # (B, Hkv, G, T, D)
-    scores = torch.matmul(qg, k.unsqueeze(2).transpose(-1, -2))  # (B, Hkv, G, T, S)
-    scores = scores.float() / math.sqrt(D)
+    # Query head h uses KV head h // G. Stacking each group's G query heads as extra rows
+    # lets one (G*T, D) x (D, S) product per KV head serve them all, without copying K or V.
+    qg = q.reshape(B, Hkv, G * T, D)  # (B, Hkv, G*T, D)
+    scores = torch.matmul(qg, k.transpose(-1, -2))  # (B, Hkv, G*T, S)
+    scores = scores.float().view(B, Hkv, G, T, S) / math.sqrt(D)  # (B, Hkv, G, T, S)
     mask = attention_mask(q_positions, kv_lens, S)  # (B, T, S)
     scores = scores.masked_fill(~mask[:, None, None], float("-inf"))
     probs = torch.softmax(scores, dim=-1).to(v.dtype)  # (B, Hkv, G, T, S)
-    out = torch.matmul(probs, v.unsqueeze(2))  # (B, Hkv, G, T, D)
+    out = torch.matmul(probs.view(B, Hkv, G * T, S), v)  # (B, Hkv, G*T, D)
     return out.reshape(B, H, T, D)
 
 
@@ -110,6 +114,9 @@ def decode_attention(
     if context_lens.shape != (q.shape[0],):
         raise ValueError(f"context_lens must be (B,) = ({q.shape[0]},), got "
                          f"{tuple(context_lens.shape)}")
+    if bool((context_lens < 1).any()):
+        raise ValueError(f"context_lens {context_lens.tolist()} must be >= 1: the new token's "
+                         f"own key is always there")
     if k.dim() == 4 and bool((context_lens > k.shape[2]).any()):
         raise ValueError(f"context_lens {context_lens.tolist()} exceed the {k.shape[2]} keys given")
     positions = (context_lens - 1).to(q.device)[:, None]  # (B, 1): the new token is the last

@@ -86,8 +86,10 @@ class ModelConfig:
         )
         _require(self.head_dim % 2 == 0,
                  f"ModelConfig.head_dim must be even for rotary embeddings, got {self.head_dim}")
-        _require(self.rope_theta > 0, f"ModelConfig.rope_theta must be > 0, got {self.rope_theta}")
-        _require(self.norm_eps > 0, f"ModelConfig.norm_eps must be > 0, got {self.norm_eps}")
+        for name in ("rope_theta", "norm_eps"):
+            value = getattr(self, name)
+            _require(isinstance(value, int | float) and not isinstance(value, bool) and value > 0,
+                     f"ModelConfig.{name} must be a number > 0, got {value!r}")
 
     @property
     def queries_per_kv(self) -> int:
@@ -121,9 +123,13 @@ class CacheConfig:
                  f"CacheConfig.dtype must be a floating torch.dtype, got {self.dtype!r}")
         try:
             object.__setattr__(self, "device", torch.device(self.device))
-            object.__setattr__(self, "layout", Layout(self.layout))
         except (RuntimeError, TypeError, ValueError) as err:
-            raise ValueError(f"CacheConfig: {err}") from None
+            raise ValueError(f"CacheConfig.device: {err}") from None
+        try:
+            object.__setattr__(self, "layout", Layout(self.layout))
+        except ValueError:
+            raise ValueError(f"CacheConfig.layout must be one of "
+                             f"{[m.value for m in Layout]}, got {self.layout!r}") from None
 
     @classmethod
     def for_model(cls, model: ModelConfig, *, max_batch_size: int, max_seq_len: int,

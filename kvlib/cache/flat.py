@@ -90,8 +90,9 @@ class FlatKVCache:
         # All checks passed; from here on nothing raises, so a failed call wrote nothing.
         keys, values = self.keys(layer), self.values(layer)  # (B_max, Hkv, S_max, D)
         for b, (row, start) in enumerate(zip(rows, starts.tolist())):
-            keys[row, :, start:start + T] = k[b]  # (Hkv, T, D)
-            values[row, :, start:start + T] = v[b]
+            # detach: the cache stores values, never autograd history
+            keys[row, :, start:start + T] = k[b].detach()  # (Hkv, T, D)
+            values[row, :, start:start + T] = v[b].detach()
         self._stored[layer, rows] = ends
         S = int(ends.max())
         if rows == list(range(rows[0], rows[0] + len(rows))):  # consecutive slots: a view
@@ -123,7 +124,8 @@ class FlatKVCache:
 
     # -- checks ------------------------------------------------------------------------------
     def _check_layer(self, layer: int) -> None:
-        if not isinstance(layer, int) or not 0 <= layer < self.config.num_layers:
+        if (not isinstance(layer, int) or isinstance(layer, bool)
+                or not 0 <= layer < self.config.num_layers):
             raise ValueError(f"layer must be an int in [0, {self.config.num_layers}), "
                              f"got {layer!r}")
 
