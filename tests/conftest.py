@@ -1,0 +1,74 @@
+"""Shared test helpers: an independent, deliberately naive attention reference.
+
+`naive_attention` is written from the definition, one (row, head, query) at a time, in
+float64, with an explicit softmax and no mask tensor: it shares no code and no tricks (grouped
+reshapes, masked_fill, torch.softmax) with `kvlib.attention`, so agreement with it means
+something.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+
+def _naive_attention(q, k, v, q_positions, kv_lens):
+    """q (B, H, T, D), k/v (B, Hkv, S, D), q_positions (B, T), kv_lens (B,) -> (B, H, T, D).
+
+    Query t of row b (absolute position p) sees keys 0 .. min(p, kv_lens[b] - 1); query head h
+    reads KV head h // (H // Hkv) (the Llama convention: each KV head serves a run of
+    consecutive query heads).
+    """
+    B, H, T, D = q.shape
+    Hkv = k.shape[1]
+    group = H // Hkv
+    out = torch.zeros(B, H, T, D, dtype=torch.float64)
+    for b in range(B):
+        for h in range(H):
+            kv_head = h // group
+            for t in range(T):
+                visible = min(int(q_positions[b, t]) + 1, int(kv_lens[b]))
+                keys = k[b, kv_head, :visible].double()  # (visible, D)
+                values = v[b, kv_head, :visible].double()  # (visible, D)
+                query = q[b, h, t].double()  # (D,)
+                scores = [float(query @ keys[j]) / math.sqrt(D) for j in range(visible)]
+                top = max(scores)
+                weights = [math.exp(s - top) for s in scores]
+                total = sum(weights)
+                row = torch.zeros(D, dtype=torch.float64)
+                for j, w in enumerate(weights):
+                    row += (w / total) * values[j]
+                out[b, h, t] = row
+    return out
+
+
+def _naive_decode(q, k, v, context_lens):
+    """q (B, H, D) one new token per row at position context_lens[b] - 1 -> (B, H, D)."""
+    positions = (context_lens.long() - 1)[:, None]  # (B, 1)
+    return _naive_attention(q[:, :, None], k, v, positions, context_lens)[:, :, 0]
+
+
+@pytest.fixture(scope="session")
+def naive_attention():
+    return _naive_attention
+
+
+@pytest.fixture(scope="session")
+def naive_decode():
+    return _naive_decode
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module's tiny-tensor tests on one intra-op thread, then restore the setting.
+
+    On a 2-core machine, splitting (2, 4, 1, 16)-sized matmuls across threads costs more than
+    it saves (and far more when other processes compete for the cores): the model tests run
+    several times faster on one thread.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
