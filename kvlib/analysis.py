@@ -304,3 +304,39 @@ def flop_speedup(cfg: ModelConfig, context_len: int) -> float:
     uncached = decode_step_cost(cfg, context_len, cached=False)
     cached = decode_step_cost(cfg, context_len, cached=True)
     return uncached.total_flops / cached.total_flops
+
+
+# ---------------------------------------------------------------------------------------------
+# Roofline: the time a step cannot beat on a given device
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Hardware:
+    """A device's datasheet peaks: dense bf16/fp16 tensor FLOP/s and memory bytes/s."""
+
+    name: str
+    peak_flops: float
+    bandwidth: float
+
+    @property
+    def ridge_point(self) -> float:
+        """FLOPs per byte above which a step is compute bound, below which memory bound."""
+        return self.peak_flops / self.bandwidth
+
+
+# Vendor datasheet figures (dense, no sparsity). Real kernels reach a fraction of them.
+GPUS: dict[str, Hardware] = {
+    "T4": Hardware("NVIDIA T4", 65e12, 320e9),
+    "A100-80GB": Hardware("NVIDIA A100 80GB SXM", 312e12, 2.039e12),
+    "H100-SXM": Hardware("NVIDIA H100 SXM", 989e12, 3.35e12),
+}
+
+
+def roofline_seconds(cost: StepCost, hw: Hardware) -> float:
+    """A lower bound on a step's time: the slower of doing its FLOPs and moving its bytes.
+
+    >>> hw = Hardware("toy", peak_flops=100.0, bandwidth=10.0)
+    >>> roofline_seconds(StepCost(0, 0, 500, 0, bytes_moved=20), hw)  # compute bound
+    5.0
+    """
+    return max(cost.total_flops / hw.peak_flops, cost.bytes_moved / hw.bandwidth)
