@@ -19,6 +19,7 @@ from kvlib.analysis import (
     prefill_cost,
     weight_bytes,
 )
+from kvlib import analysis
 from kvlib.config import ModelConfig
 
 # ---------------------------------------------------------------------------------------------
@@ -267,3 +268,29 @@ def test_generation_with_a_cache_never_costs_more_flops(cfg, prompt_len, new_tok
         assert cached.total_flops == uncached.total_flops
     else:
         assert cached.total_flops < uncached.total_flops
+
+
+# ---------------------------------------------------------------------------------------------
+# Roofline
+# ---------------------------------------------------------------------------------------------
+
+def test_roofline_takes_the_slower_of_compute_and_memory():
+    hw = analysis.Hardware("toy", peak_flops=1000.0, bandwidth=10.0)  # ridge at 100 FLOP/B
+    assert hw.ridge_point == 100.0
+    memory_bound = analysis.StepCost(100, 0, 0, 0, bytes_moved=50)  # 0.1 s vs 5 s
+    compute_bound = analysis.StepCost(0, 0, 8000, 0, bytes_moved=20)  # 8 s vs 2 s
+    assert analysis.roofline_seconds(memory_bound, hw) == 5.0
+    assert analysis.roofline_seconds(compute_bound, hw) == 8.0
+
+
+def test_cached_llama_step_is_memory_bound_and_long_recompute_is_not():
+    llama = analysis.PRESETS["llama-3-8b"]
+    h100 = analysis.GPUS["H100-SXM"]
+    cached = analysis.decode_step_cost(llama, 4095, cached=True)
+    uncached = analysis.decode_step_cost(llama, 4095, cached=False)
+    assert cached.arithmetic_intensity < 2 < h100.ridge_point < uncached.arithmetic_intensity
+    # Weights (16.06 GB) + 4,096 tokens x 128 KiB of cache, streamed at 3.35 TB/s.
+    expected = (analysis.weight_bytes(llama) + 4096 * 131072) / 3.35e12
+    assert analysis.roofline_seconds(cached, h100) == pytest.approx(expected)
+    ratio = analysis.roofline_seconds(uncached, h100) / analysis.roofline_seconds(cached, h100)
+    assert 4096 / h100.ridge_point / 2 < ratio < 4096 / h100.ridge_point * 2
