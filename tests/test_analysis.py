@@ -5,6 +5,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from kvlib import analysis
 from kvlib.analysis import (
     PRESETS,
     StepCost,
@@ -19,7 +20,6 @@ from kvlib.analysis import (
     prefill_cost,
     weight_bytes,
 )
-from kvlib import analysis
 from kvlib.config import ModelConfig
 
 # ---------------------------------------------------------------------------------------------
