@@ -72,7 +72,9 @@ def attention(
     Hkv, S = k.shape[1], k.shape[2]
     G = H // Hkv
     # Query head h uses KV head h // G. Stacking each group's G query heads as extra rows
-    # lets one (G*T, D) x (D, S) product per KV head serve them all, without copying K or V.
+    # lets one (G*T, D) x (D, S) product per KV head serve them all, without repeating K or
+    # V per query head. (With SEQ_MAJOR cache views, matmul still copies K and V to fold
+    # (B, Hkv) into one batch dimension: chapter 2 measures that copy.)
     qg = q.reshape(B, Hkv, G * T, D)  # (B, Hkv, G*T, D)
     scores = torch.matmul(qg, k.transpose(-1, -2))  # (B, Hkv, G*T, S)
     scores = scores.float().view(B, Hkv, G, T, S) / math.sqrt(D)  # (B, Hkv, G, T, S)

@@ -24,7 +24,8 @@ class Layout(str, Enum):
     SEQ_MAJOR is the original design's `[layers, batch, seq, 2, kv_heads, head_dim]`: one
     token's keys and values for every head sit together, which makes appending cheap.
     HEAD_MAJOR is `[layers, 2, batch, kv_heads, seq, head_dim]`: each head's keys form one
-    contiguous `(seq, head_dim)` matrix, which is what an attention kernel reads.
+    contiguous `(seq, head_dim)` matrix, which a batched matmul needs to avoid copying
+    (chapter 2 measures it; fused kernels such as FlashAttention read either layout).
     """
 
     SEQ_MAJOR = "seq_major"

@@ -1,0 +1,241 @@
+"""kvlib.viz and kvlib.widgets: every drawing draws what its numbers say, every widget runs.
+
+Drawings are checked through their artists (lines, patches, texts, titles) against numbers
+computed here from `analysis` or from a real FlatKVCache, never against the drawing's own
+arithmetic. Widgets are driven by setting their controls, as a reader would.
+"""
+
+from __future__ import annotations
+
+import doctest
+
+import ipywidgets as W
+import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
+import torch
+from matplotlib.patches import Rectangle
+
+from kvlib import analysis, viz, widgets
+from kvlib.cache.flat import FlatKVCache
+from kvlib.config import CacheConfig, Layout, ModelConfig
+from kvlib.experiments import demo_model
+
+matplotlib.use("Agg")
+
+LAYOUTS = list(Layout)
+LLAMA = analysis.PRESETS["llama-3-8b"]
+TINY = ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                   ffn_dim=64, max_seq_len=64, name="tiny")
+
+
+@pytest.fixture(autouse=True)
+def close_figures():
+    yield
+    plt.close("all")
+
+
+@pytest.fixture
+def ax():
+    return plt.subplots()[1]
+
+
+def test_doctests():
+    result = doctest.testmod(viz)
+    assert result.attempted >= 3 and result.failed == 0
+
+
+# -- viz ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_draw_attention_work_counts_the_computed_scores(ax, cached):
+    viz.draw_attention_work(ax, 5, cached=cached)
+    n = 6  # 5 cached tokens + the new one
+    expected = n if cached else n * (n + 1) // 2
+    assert f"{expected} scores computed" in ax.get_title()
+    image = ax.get_images()[0].get_array()
+    assert image.shape == (n, n) and int((np.asarray(image) == 2).sum()) == expected
+
+
+def test_plot_step_costs_draws_totals_and_parts(ax):
+    lens = [16, 256, 4096]
+    viz.plot_step_costs(ax, LLAMA, lens)
+    assert len(ax.lines) == 2 * 5  # without/with cache x (total + 4 parts)
+    totals = {line.get_label(): line.get_ydata() for line in ax.lines}
+    expected = [analysis.decode_step_cost(LLAMA, s, cached=True).total_flops for s in lens]
+    assert list(totals["with cache: total"]) == expected
+    assert ax.get_xscale() == ax.get_yscale() == "log"
+
+
+def test_plot_speedups_plots_measured_beside_the_flop_ratio(ax):
+    measured = {1024: 30.0, 256: 10.0}
+    viz.plot_speedups(ax, LLAMA, measured)
+    assert len(ax.lines) == 3
+    by_label = {line.get_label(): line for line in ax.lines}
+    assert list(by_label["measured time ratio"].get_ydata()) == [10.0, 30.0]  # sorted by length
+    flop = by_label["FLOP ratio (whole model)"].get_ydata()
+    assert flop[1] == pytest.approx(analysis.flop_speedup(LLAMA, 1024))
+
+
+def test_plot_cache_sizes_one_line_per_model_in_gib(ax):
+    presets = {k: analysis.PRESETS[k] for k in ("gpt2", "llama-3-70b")}
+    viz.plot_cache_sizes(ax, presets, [512, 8192], dtype="bf16", batch_size=2)
+    assert [line.get_label() for line in ax.lines] == ["gpt2", "llama-3-70b"]
+    # llama-3-70b: 2 * 80 * 8 * 128 * 2 B = 320 KiB per token; x 8192 tokens x 2 = 5 GiB
+    assert ax.lines[1].get_ydata()[1] == pytest.approx(5.0)
+    assert "batch 2" in ax.get_title() and "bf16" in ax.get_title()
+
+
+def test_plot_cache_vs_weights_adds_weights_and_marks_identical_caches(ax):
+    presets = {k: analysis.PRESETS[k] for k in ("llama-3-8b", "llama-3-70b", "mistral-7b")}
+    viz.plot_cache_vs_weights(ax, presets, [512, 4096])
+    caches, weights = ax.lines[:3], ax.lines[3:]
+    assert len(weights) == 3
+    for line, cfg, cache_line in zip(weights, presets.values(), caches):
+        assert line.get_ydata()[0] == pytest.approx(analysis.weight_bytes(cfg) / 2**30)
+        assert line.get_color() == cache_line.get_color()
+    # llama-3-8b and mistral-7b have the same KV shape: the first is drawn as a wide halo.
+    assert [line.get_linewidth() for line in caches] == [5, caches[1].get_linewidth(),
+                                                         caches[2].get_linewidth()]
+    assert caches[1].get_linewidth() < 5 and caches[2].get_linewidth() < 5
+    assert "weights" in ax.get_title()
+
+
+def test_cache_table_rows_match_analysis():
+    table = viz.cache_table(analysis.PRESETS, dtype="bf16")
+    rows = table.splitlines()[2:]
+    assert [r.split()[0] for r in rows] == list(analysis.PRESETS)
+    for row, cfg in zip(rows, analysis.PRESETS.values()):
+        cols = row.split()
+        per_token = analysis.kv_bytes_per_token(cfg, "bf16")
+        assert float(cols[1]) == pytest.approx(per_token / 1024, abs=0.05)
+        assert int(cols[2].replace(",", "")) == cfg.max_seq_len
+        assert int(cols[5].replace(",", "")) == analysis.weight_bytes(cfg) // per_token
+
+
+def _addresses(layout, num_tokens, num_kv_heads, slot=1, layer=1):
+    """(K/V, head, token) -> address of its first element in a real FlatKVCache."""
+    cache = FlatKVCache(CacheConfig(num_layers=2, num_kv_heads=num_kv_heads, head_dim=3,
+                                    max_batch_size=2, max_seq_len=num_tokens, layout=layout))
+    views = {"K": cache.keys(layer), "V": cache.values(layer)}
+    return {(kv, h, t): views[kv][slot, h, t].storage_offset()
+            for kv in "KV" for h in range(num_kv_heads) for t in range(num_tokens)}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda x: x.value)
+@pytest.mark.parametrize("num_tokens,num_kv_heads", [(1, 1), (3, 2), (5, 4)])
+def test_layout_order_is_the_real_caches_address_order(layout, num_tokens, num_kv_heads):
+    addresses = _addresses(layout, num_tokens, num_kv_heads)
+    assert viz.layout_order(layout, num_tokens, num_kv_heads) == sorted(addresses,
+                                                                        key=addresses.get)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda x: x.value)
+def test_draw_layout_outlines_the_highlighted_heads_keys(ax, layout):
+    viz.draw_layout(ax, layout, num_tokens=3, num_kv_heads=2, highlight_head=1)
+    cells = [p for p in ax.patches if p.get_fill()]
+    outlines = [p for p in ax.patches if not p.get_fill()]
+    assert len(cells) == 3 * 2 * 2 and len(ax.texts) == len(cells)
+    order = viz.layout_order(layout, 3, 2)
+    expected = [i for i, (kv, h, _) in enumerate(order) if kv == "K" and h == 1]
+    assert sorted(round(p.get_x()) for p in outlines) == expected
+    assert isinstance(outlines[0], Rectangle)
+    assert layout.value in ax.get_title() and "head 1" in ax.get_title()
+    contiguous = expected == list(range(expected[0], expected[0] + len(expected)))
+    assert contiguous == (layout is Layout.HEAD_MAJOR)
+
+
+def test_draw_cache_fill_bars(ax):
+    viz.draw_cache_fill(ax, prompt_len=8, cached_len=20, max_seq_len=64, label="slot 0")
+    bars = [(p.get_x(), p.get_width()) for p in ax.patches]
+    assert bars == [(0, 64), (0, 8), (8, 12)]  # reserved, prompt, generated
+    assert "20 of 64 token slots in use (31%)" in ax.get_xlabel()
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["slot 0"]
+
+
+def test_plot_timings_one_line_per_series(ax):
+    viz.plot_timings(ax, [1, 2, 4], {"a": [1.0, 2.0, 3.0], "b": [3.0, 2.0, 1.0]},
+                     xlabel="tokens", ylabel="ms")
+    assert [line.get_label() for line in ax.lines] == ["a", "b"]
+    assert list(ax.lines[1].get_ydata()) == [3.0, 2.0, 1.0]
+    assert ax.get_xlabel() == "tokens" and ax.get_ylabel() == "ms"
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["a", "b"]
+
+
+# -- widgets --------------------------------------------------------------------------------------
+
+def _controls(widget):
+    return {c.description: c for c in widget.children if hasattr(c, "value")}
+
+
+def _last_axes():
+    return plt.gcf().axes
+
+
+def test_attention_work_widget(capsys):
+    w = widgets.attention_work_widget(max_context=12)
+    assert isinstance(w, W.interactive)
+    slider = _controls(w)["context S"]
+    assert isinstance(slider, W.IntSlider) and slider.max == 12
+    slider.value = 3
+    left, right = _last_axes()
+    assert "10 scores computed" in left.get_title() and "4 scores computed" in right.get_title()
+
+
+def test_step_cost_widget():
+    w = widgets.step_cost_widget()
+    controls = _controls(w)
+    assert isinstance(controls["model"], W.Dropdown)
+    assert list(controls["model"].options) == list(analysis.PRESETS)
+    controls["model"].value, controls["log2 S"].value = "gpt2", 10
+    (ax,) = _last_axes()
+    cfg = analysis.PRESETS["gpt2"]
+    ratio = (analysis.decode_step_cost(cfg, 1024, cached=False).total_flops
+             / analysis.decode_step_cost(cfg, 1024, cached=True).total_flops)
+    assert f"{ratio:,.0f}x fewer FLOPs" in ax.get_title() and "S = 1,024" in ax.get_title()
+
+
+def test_cache_calculator_shows_the_formula(monkeypatch):
+    shown = []
+    monkeypatch.setattr(widgets, "display", lambda obj: shown.append(obj.data))
+    w = widgets.cache_calculator()
+    controls = _controls(w)
+    assert set(controls) == {"model", "context", "batch", "dtype"}
+    controls["model"].value = "llama-3-70b"
+    controls["context"].value = 8192
+    controls["batch"].value = 32
+    text = shown[-1]
+    assert "2 x 80 layers x 8 KV heads x 128 dims x 2 B = 327,680 B" in text
+    assert "80.0 GiB" in text  # 320 KiB x 8,192 x 32
+    controls["dtype"].value = "fp32"
+    assert "655,360 B" in shown[-1]
+
+
+def test_layout_widget_prints_a_real_caches_strides(capsys):
+    w = widgets.layout_widget()
+    controls = _controls(w)
+    assert isinstance(controls["layout"], W.ToggleButtons)
+    assert list(controls["layout"].options) == [x.value for x in Layout]
+    capsys.readouterr()
+    controls["KV heads"].value = 3
+    out = capsys.readouterr().out
+    # seq-major (B, Hkv, S, D) = (1, 3, 4, 8): strides (4*2*3*8, 8, 2*3*8, 1)
+    assert "strides = (192, 8, 48, 1), contiguous: False" in out
+    controls["layout"].value = "head_major"
+    assert "strides = (96, 32, 8, 1), contiguous: True" in capsys.readouterr().out
+    controls["KV heads"].value, controls["head"].value = 1, 3  # head clamps to the last one
+    assert "head 0" in _last_axes()[0].get_title()
+
+
+def test_cache_fill_widget_counts_a_real_generations_cache():
+    model = demo_model(TINY)
+    prompt = torch.zeros(1, 6, dtype=torch.int64)  # (1, P)
+    w = widgets.cache_fill_widget(model, prompt, max_seq_len=32)
+    slider = _controls(w)["generated"]
+    assert isinstance(slider, W.IntSlider) and slider.max == 32 - 6 + 1
+    slider.value = 5  # the prompt and 4 of the 5 new tokens went through the model
+    (ax,) = _last_axes()
+    assert "10 of 32 token slots in use (31%)" in ax.get_xlabel()
+    slider.value = slider.max
+    assert "32 of 32 token slots in use (100%)" in _last_axes()[0].get_xlabel()
