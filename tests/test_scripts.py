@@ -1,0 +1,39 @@
+"""The command-line entry points run and print what they promise."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(*args: str) -> str:
+    result = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300, check=False)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_python_m_kvlib_prints_measured_tables():
+    out = _run("-m", "kvlib", "--new-tokens", "16")
+    assert "identical tokens: True" in out
+    for section in ("1. Generation", "2. One decode step", "3. KV cache of real models",
+                    "4. Decode attention"):
+        assert section in out
+    # 131,072 B per token; 8,192 tokens of it are exactly 1 GiB
+    assert re.search(r"llama-3-8b +128 KiB +1.00 GiB", out)
+
+
+def test_incremental_bench_ends_with_json_speedups():
+    out = _run("bench/incremental.py", "--lengths", "16", "64", "--repeats", "2")
+    last = json.loads(out.strip().splitlines()[-1])
+    assert set(last["speedup_by_len"]) == {"16", "64"}
+    assert all(x > 0 for x in last["speedup_by_len"].values())
+    for s in ("16", "64"):
+        ratio = last["uncached_ms"][s] / last["cached_ms"][s]
+        assert abs(ratio - last["speedup_by_len"][s]) <= 0.01 * ratio + 0.01
+    assert last["device"].startswith("cpu")
