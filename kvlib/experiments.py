@@ -107,17 +107,13 @@ def time_decode_attention(layout: Layout, *, context_len: int, batch_size: int =
                           num_heads: int = 32, num_kv_heads: int = 8, head_dim: int = 128,
                           dtype: torch.dtype = torch.float32, device: str = "cpu",
                           warmup: int = 2, repeats: int = 7) -> Timing:
-    """Time `decode_attention` reading a flat cache's keys and values in place (no copy)."""
-    config = CacheConfig(num_layers=1, num_kv_heads=num_kv_heads, head_dim=head_dim,
-                         max_batch_size=batch_size, max_seq_len=context_len, dtype=dtype,
-                         device=torch.device(device), layout=layout)
-    cache = filled_flat_cache(config, [context_len] * batch_size)
-    gen = torch.Generator().manual_seed(1)
-    q = torch.randn(batch_size, num_heads, head_dim, generator=gen).to(dtype).to(device)
-    lens = cache.lengths(range(batch_size))  # (B,)
-    k, v = cache.keys(0), cache.values(0)  # (B, Hkv, S, D) views in the layout's strides
-    return measure(lambda: decode_attention(q, k, v, lens), warmup=warmup, repeats=repeats,
-                   device=device)
+    """Time `decode_attention` over a filled one-layer flat cache, read through views.
+
+    The caller copies nothing; torch.matmul itself copies SEQ_MAJOR views (`time_layouts`).
+    """
+    attend, _ = _layout_calls(layout, context_len, batch_size, num_heads, num_kv_heads,
+                              head_dim, dtype, device)
+    return measure(attend, warmup=warmup, repeats=repeats, device=device)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -137,8 +137,11 @@ def draw_layout(ax: Axes, layout: Layout, num_tokens: int = 4, num_kv_heads: int
 
 
 def draw_cache_fill(ax: Axes, prompt_len: int, cached_len: int, max_seq_len: int,
-                    label: str = "") -> None:
-    """One flat-cache slot as a bar: prompt tokens, generated tokens, and reserved room."""
+                    label: str = "", legend: bool = True) -> None:
+    """One flat-cache slot as a bar: prompt tokens, generated tokens, and reserved room.
+
+    The legend, if drawn, sits above the axes, clear of the bar.
+    """
     ax.barh(0, max_seq_len, color="#eeeeee", edgecolor="black", label="reserved, empty")
     ax.barh(0, prompt_len, color=COLORS["claim"], label="prompt")
     ax.barh(0, cached_len - prompt_len, left=prompt_len, color=COLORS["cached"],
@@ -147,7 +150,9 @@ def draw_cache_fill(ax: Axes, prompt_len: int, cached_len: int, max_seq_len: int
     ax.set_yticks([0], [label] if label else [""])
     ax.set_xlabel(f"{cached_len} of {max_seq_len} token slots in use "
                   f"({cached_len / max_seq_len:.0%})")
-    ax.legend(fontsize=7, loc="upper right", ncol=3)
+    if legend:
+        ax.legend(fontsize=7, loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=3,
+                  frameon=False)
 
 
 def plot_timings(ax: Axes, xs: Sequence[int], series: Mapping[str, Sequence[float]],
