@@ -210,10 +210,25 @@ class TransformerLM(nn.Module):
                              f"{tuple(prompt.shape)}")
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        longest = prompt.shape[1] + max_new_tokens - 1  # the last new token is never fed back
+        if longest > self.config.max_seq_len:
+            raise ValueError(f"a {prompt.shape[1]}-token prompt plus {max_new_tokens} new tokens "
+                             f"needs {longest} positions; the model has {self.config.max_seq_len}")
         seq_ids = list(range(prompt.shape[0])) if seq_ids is None else list(seq_ids)
         if cache is not None and bool(cache.lengths(seq_ids).any()):
             raise ValueError(f"the cache already holds tokens for seq_ids {seq_ids} "
                              f"(lengths {cache.lengths(seq_ids).tolist()}); release them first")
+        try:
+            return self._generate(prompt, max_new_tokens, cache, sampling, seq_ids)
+        except BaseException:
+            # NOTE: the sequences were empty before; emptying them again undoes a partial run
+            # (e.g. a cache too small for the whole generation), so no half-written cache stays.
+            if cache is not None:
+                cache.release(seq_ids)
+            raise
+
+    def _generate(self, prompt: torch.Tensor, max_new_tokens: int, cache: KVCache | None,
+                  sampling: SamplingParams, seq_ids: list[int]) -> Generation:
         generator = sampling.generator(prompt.device)
         tokens, all_logits = prompt, []
         for step in range(max_new_tokens):

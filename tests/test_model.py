@@ -360,21 +360,29 @@ def test_model_max_seq_len_is_enforced(small_model):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
-def test_generate_into_a_too_small_cache_commits_only_finished_steps(small_model, layout):
+def test_generate_into_a_too_small_cache_leaves_it_empty(small_model, layout):
     prompt = prompt_tokens(2, 5, seed=26)
-    cache = small_model.new_cache(batch_size=2, max_seq_len=8, layout=layout)
+    cache = small_model.new_cache(batch_size=3, max_seq_len=8, layout=layout)
+    small_model.generate(prompt_tokens(1, 3, seed=25), 2, cache=cache, seq_ids=[2])
+    other = (cache.lengths([2]), cache.keys(0)[2].clone())
     with pytest.raises(ValueError, match="no room"):
         small_model.generate(prompt, 10, cache=cache)  # needs 5 + 9 = 14 positions
-    # Prefill (5) and three decode steps (6, 7, 8) finished; the fourth failed and left
-    # nothing behind.
-    assert cache.lengths([0, 1]).tolist() == [8, 8]
-    big = small_model.new_cache(batch_size=2, max_seq_len=16, layout=layout)
-    small_model.generate(prompt, 10, cache=big)
-    for layer in range(small_model.config.num_layers):
-        torch.testing.assert_close(cache.keys(layer)[:, :, :8], big.keys(layer)[:, :, :8],
-                                   atol=1e-6, rtol=0)
-        torch.testing.assert_close(cache.values(layer)[:, :, :8], big.values(layer)[:, :, :8],
-                                   atol=1e-6, rtol=0)
+    # Prefill and three decode steps had finished when the fourth failed: all undone.
+    assert cache.lengths([0, 1]).tolist() == [0, 0]
+    assert torch.equal(cache.lengths([2]), other[0])  # another sequence is untouched
+    assert torch.equal(cache.keys(0)[2], other[1])
+    # The emptied slots work as new: same tokens as a fresh, big enough cache.
+    short = small_model.generate(prompt, 4, cache=cache)
+    fresh = small_model.generate(prompt, 4, cache=small_model.new_cache(2, 8, layout=layout))
+    assert torch.equal(short.tokens, fresh.tokens)
+
+
+def test_generate_checks_the_model_context_before_any_work(small_model):
+    cache = small_model.new_cache(batch_size=1, max_seq_len=64)
+    with pytest.raises(ValueError, match="needs 33 positions; the model has 32"):
+        small_model.generate(prompt_tokens(1, 4), 30, cache=cache)
+    assert cache.lengths([0]).tolist() == [0]
+    assert small_model.generate(prompt_tokens(1, 4), 29).tokens.shape == (1, 29)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
