@@ -1,4 +1,5 @@
-"""Shared test helpers: an independent, deliberately naive attention reference.
+"""Shared test helpers: an independent, deliberately naive attention reference, and
+hypothesis settings without wall-clock deadlines.
 
 `naive_attention` is written from the definition, one (row, head, query) at a time, in
 float64, with an explicit softmax and no mask tensor: it shares no code and no tricks (grouped
@@ -12,6 +13,11 @@ import math
 
 import pytest
 import torch
+from hypothesis import settings
+
+# Wall-clock deadlines fail on a loaded machine without saying anything about correctness.
+settings.register_profile("kvlib", deadline=None)
+settings.load_profile("kvlib")
 
 
 def _naive_attention(q, k, v, q_positions, kv_lens):
