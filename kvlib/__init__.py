@@ -2,7 +2,8 @@
 
 One concept per module: `config` (shapes), `attention` (reference attention), `cache`
 (the cache contract and its implementations), `model` (a Llama-style decoder), `sampling`,
-`analysis` (memory and FLOP formulas, real model presets), `bench` (timing).
+`analysis` (memory, FLOP and roofline formulas, real model presets), `bench` (timing),
+`experiments` (the measurements chapters share), `viz` and `widgets` (for the chapters).
 """
 
 from kvlib.cache import FlatKVCache, KVCache
