@@ -63,7 +63,7 @@ def plot_step_costs(ax: Axes, cfg: ModelConfig, context_lens: Sequence[int]) -> 
     ax.set_xlabel("context length S (tokens already in the sequence)")
     ax.set_ylabel("FLOPs for one new token")
     ax.set_title(f"cost of one decode step ({cfg.name})", fontsize=10)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(0.0, -0.14))  # below
     ax.grid(True, which="major", alpha=0.3)
 
 

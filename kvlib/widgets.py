@@ -49,21 +49,22 @@ def step_cost_widget(default: str = "llama-3-8b") -> W.interactive:
     def show(model: str, log2_context: int) -> None:
         cfg, S = analysis.PRESETS[model], 2**log2_context
         costs = {c: analysis.decode_step_cost(cfg, S, cached=c) for c in (False, True)}
-        fig, ax = plt.subplots(figsize=(7, 3))
-        for row, cached in enumerate((False, True)):
-            left = 0.0
-            for i, part in enumerate(parts):
-                flops = getattr(costs[cached], f"{part}_flops")
-                ax.barh(row, flops, left=left, color=plt.get_cmap("tab10")(i),
-                        label=part if row == 0 else None)
-                left += flops
-        ax.set_yticks([0, 1], ["without cache", "with cache"])
+        rows = [*parts, "total"]
+        fig, ax = plt.subplots(figsize=(7, 3.2))
+        for offset, cached in ((-0.2, False), (0.2, True)):
+            flops = [getattr(costs[cached], f"{p}_flops") for p in parts]
+            flops.append(costs[cached].total_flops)
+            ax.barh([i + offset for i in range(len(rows))], flops, height=0.4,
+                    color=viz.COLORS["cached" if cached else "uncached"],
+                    label="with cache" if cached else "without cache")
+        ax.set_yticks(range(len(rows)), rows)
+        ax.invert_yaxis()
         ax.set_xscale("log")
         ax.set_xlabel("FLOPs for one new token (log scale)")
         ratio = costs[False].total_flops / costs[True].total_flops
         ax.set_title(f"{model} at S = {S:,}: {ratio:,.0f}x fewer FLOPs with a cache "
                      f"(the score-count claim says {S:,}x)", fontsize=9)
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=8, loc="best")
         plt.show()
 
     return W.interactive(
