@@ -66,7 +66,8 @@ def main() -> None:
         total = analysis.kv_cache_bytes(preset, 8192, 1, "bf16")
         print(f"   {name:<14} {per_token / 1024:>7.0f} KiB {total / 2**30:>12.2f} GiB")
 
-    print("\n4. Decode attention reading a flat cache in place, 1,024 tokens, batch 4")
+    print("\n4. Decode attention over each flat layout's views, 1,024 tokens, batch 4")
+    print("   (torch.matmul copies seq_major's K and V first; chapter 2 shows where)")
     times = {lay: time_decode_attention(lay, context_len=1024, device=device) for lay in Layout}
     for lay, t in times.items():
         print(f"   {lay.value:<11} {t.median_ms:8.2f} ms")
