@@ -92,13 +92,36 @@ def sdpa(q: torch.Tensor, kv: KVView, batch: StepBatch) -> torch.Tensor:
 
 
 def fast(q: torch.Tensor, kv: KVView, batch: StepBatch) -> torch.Tensor:
-    """Paged decode reads blocks in place; everything else goes to sdpa."""
-    if isinstance(kv, PagedKV) and batch.uniform_len == 1:
-        from kvlib.kernels.paged_decode_cpu import paged_decode_attention
+    """Paged decode reads blocks in place; everything else goes to sdpa.
 
+    A mixed batch (an engine step: decodes beside prompt chunks) sends all its one-token rows
+    to the paged decode kernel in one call, and only the chunks to sdpa, one at a time.
+    """
+    if not isinstance(kv, PagedKV):
+        return sdpa(q, kv, batch)
+    from kvlib.kernels.paged_decode_cpu import paged_decode_attention
+
+    if batch.uniform_len == 1:
         return paged_decode_attention(q, kv.k_pool, kv.v_pool, kv.block_tables,
                                       kv.context_lens)  # (B, H, D) = (N, H, D)
-    return sdpa(q, kv, batch)
+    one = batch.query_lens == 1  # (B,) rows feeding one token: a decode, whatever its past
+    if not bool(one.any()):
+        return sdpa(q, kv, batch)
+    cu = batch.cu_query_lens  # (B+1,)
+    out = torch.empty_like(q)  # (N, H, D)
+    rows = one.nonzero()[:, 0]  # (Bd,)
+    tok = cu[:-1][rows].to(q.device)  # (Bd,) packed index of each one-token row
+    out[tok] = paged_decode_attention(q[tok], kv.k_pool, kv.v_pool, kv.block_tables[rows],
+                                      kv.context_lens[rows])  # (Bd, H, D)
+    for b in (~one).nonzero()[:, 0].tolist():
+        n = int(batch.context_lens[b])
+        dense = PagedKV(kv.k_pool, kv.v_pool, kv.block_tables[b:b + 1],
+                        kv.context_lens[b:b + 1]).dense()  # (1, Hkv, n, D): this row only
+        qb = q[cu[b]:cu[b + 1]].transpose(0, 1)[None]  # (1, H, T_b, D)
+        pos = batch.positions[cu[b]:cu[b + 1]][None]  # (1, T_b)
+        ob = _sdpa(qb, dense.k[:, :, :n], dense.v[:, :, :n], pos, dense.context_lens)
+        out[cu[b]:cu[b + 1]] = ob[0].transpose(0, 1)  # (T_b, H, D)
+    return out
 
 
 register("reference", reference)
