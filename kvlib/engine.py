@@ -39,7 +39,8 @@ from kvlib.scheduler import Sequence as Seq
 @dataclass(frozen=True)
 class StepRecord:
     """What one step did; `events` are (request_id, kind, tokens) with kind one of
-    'admit', 'prefill' (a chunk), 'decode', 'preempt', 'finish'."""
+    'admit' (tokens: found in the prefix cache), 'prefill' (a chunk), 'decode', 'preempt',
+    'first_token', 'finish' (tokens: generated in all)."""
 
     step: int
     num_tokens: int
@@ -233,6 +234,7 @@ class BatchedInferenceEngine:
             seq.output_ids.append(token)
             if seq.first_token_s is None:
                 seq.first_token_s = now
+                events.append((seq.seq_id, "first_token", 1))
             reason = ("stop" if token in seq.request.stop_token_ids else
                       "length" if len(seq.output_ids) >= seq.request.max_new_tokens else None)
             if reason is not None:

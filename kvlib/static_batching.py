@@ -94,6 +94,7 @@ def _run_batch(model, cache, prompts, samplings, lengths, stops, members, t0, me
         for j, i in enumerate(members):
             if done[j]:
                 out[j].append(out[j][-1])  # padding, thrown away below
+                events.append((i, "pad", 1))
                 continue
             token = int(sample_next(logits[j:j + 1], samplings[i], gens[j])[0])
             out[j].append(token)
