@@ -39,9 +39,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--batch", type=int, default=16, help="static batch size")
     parser.add_argument("--prompt-lens", type=int, nargs=2, default=[8, 256])
-    parser.add_argument("--new-tokens", type=int, nargs=2, default=[8, 256])
+    parser.add_argument("--new-tokens", type=int, nargs=2, default=[8, 128])
     parser.add_argument("--token-budget", type=int, default=512)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for the tests")
     args = parser.parse_args()
     overrides = {}

@@ -10,8 +10,9 @@ Every step has a token budget, `max_num_batched_tokens`, shared by everything it
 3. admissions: waiting sequences join, front of the queue first, each with a chunk of its
    prompt, while the budget, the free blocks and `max_num_seqs` allow.
 
-When a decode needs a block and none is free, the most recently admitted running sequence is
-preempted: its blocks are freed and it goes back to the front of the waiting queue. When it
+When a running sequence cannot get even one more token's room (a decode needs a new block and
+none is free), the most recently admitted running sequence is preempted: its blocks are freed
+and it goes back to the front of the waiting queue. When it
 is admitted again its prompt *and the tokens it already generated* are recomputed as one long
 prefill, and it goes on sampling from where it stopped, so its output does not change.
 

@@ -45,9 +45,11 @@ def timeline_grid(metrics: EngineMetrics, arrivals: Sequence[int]) -> np.ndarray
 
 
 def draw_timeline(ax: Axes, metrics: EngineMetrics, arrivals: Sequence[int],
-                  title: str = "", legend: bool = True) -> None:
+                  title: str = "", legend: bool = True,
+                  legend_states: Sequence[str] | None = None) -> None:
     """One row per request, one column per step: waiting, prefill chunks, decodes,
-    preemptions; a black dot where a request finishes."""
+    preemptions, padding; a black dot where a request finishes. The legend lists the states
+    drawn, or `legend_states` (names from STATE_NAMES) when given."""
     grid = timeline_grid(metrics, arrivals)
     ax.imshow(grid, cmap=ListedColormap(_STATES), vmin=0, vmax=5, aspect="auto",
               interpolation="nearest")
@@ -60,7 +62,8 @@ def draw_timeline(ax: Axes, metrics: EngineMetrics, arrivals: Sequence[int],
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title(title, fontsize=10)
     if legend:
-        shown = sorted(set(np.unique(grid).tolist()) - {0})
+        shown = (sorted(set(np.unique(grid).tolist()) - {0}) if legend_states is None
+                 else [STATE_NAMES.index(name) for name in legend_states])
         ax.legend(handles=[Patch(color=_STATES[i], label=STATE_NAMES[i]) for i in shown],
                   fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
 
