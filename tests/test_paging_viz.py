@@ -151,8 +151,22 @@ def test_simulator_widget_nests_one_state_per_grid_point():
     assert [c.description for c in controls] == ["distribution", "max_len", "block_size"]
     outer = w.children[1]
     assert len(outer.children) == 2 and len(outer.children[1].children[0].children) == 2
-    label = outer.children[1].children[0].children[1].children[0].value
-    assert "distribution = alpaca · max_len = 256 · block_size = 16" in label
+    label, table = outer.children[1].children[0].children[1].children
+    assert "distribution = alpaca · max_len = 256 · block_size = 16" in label.value
+    assert isinstance(table, W.HTML) and table.value == pw.simulator_html(
+        "alpaca", 256, 16, num_requests=500, budget=10_000)
+
+
+def test_scheme_table_html_shows_each_schemes_numbers():
+    results = fr.simulate(fr.sample_requests("sharegpt", 1000, 2048), max_len=2048,
+                          block_size=16, budget=50_000)
+    text = pviz.scheme_table_html(results, 50_000, title="a <title>")
+    assert "a &lt;title&gt;" in text and "requests in 50,000 slots" in text
+    for s, r in results.items():
+        row = text.split(f"<b>{s}</b>")[1].split("</tr>")[0]
+        assert f"{r.utilization:.1%}" in row and f"{r.utilization_in_flight:.1%}" in row
+        assert f"{r.fits:,}</td>" in row
+        assert f"width: {100 * r.fits / results['oracle'].fits:.1f}%" in row
 
 
 def test_plot_block_size_sweep_plots_paged_waste(ax):
@@ -173,3 +187,14 @@ def test_plot_length_histogram_counts_every_request(ax):
     assert ax.get_xscale() == "log"
     counts, _ = np.histogram(lens, bins=np.geomspace(1, 1000, 9))
     assert counts.sum() == 5
+
+
+def test_plot_max_len_sweep_one_line_per_scheme(ax):
+    by = {m: fr.simulate(fr.sample_requests("uniform", 500, m), max_len=m, block_size=16,
+                         budget=10_000) for m in (256, 1024)}
+    pviz.plot_max_len_sweep(ax, by)
+    assert [line.get_label() for line in ax.lines] == list(fr.SCHEMES)
+    paged = ax.lines[-1]
+    assert list(paged.get_xdata()) == [256, 1024]
+    assert paged.get_ydata() == pytest.approx([100 * by[m]["paged"].utilization_in_flight
+                                               for m in (256, 1024)])

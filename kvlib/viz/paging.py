@@ -9,6 +9,7 @@ the book relies on: the numbers come from the cache and from `experiments.fragme
 
 from __future__ import annotations
 
+import html
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -209,8 +210,32 @@ def plot_block_size_sweep(ax: Axes, sweep: Mapping[int, Mapping[str, SchemeResul
              for b in sizes]
     ax.plot(sizes, [100 * w for w in waste], marker="o", ms=3, label=label, **style)
     ax.set_xscale("log", base=2)
+    ax.set_xticks(sizes, [f"{b:,}" for b in sizes])
+    ax.minorticks_off()
     ax.set_xlabel("block size (tokens)")
     ax.set_ylabel("paged: reserved slots unused (%)")
+    ax.grid(True, which="major", alpha=0.3)
+
+
+def plot_max_len_sweep(ax: Axes, by_max_len: Mapping[int, Mapping[str, SchemeResult]], *,
+                       in_flight: bool = True) -> None:
+    """Share of reserved slots holding tokens against max_len, one line per scheme.
+
+    `by_max_len` maps max_len -> scheme -> result (`fragmentation.simulate` at each).
+    """
+    lens = sorted(by_max_len)
+    for s in SCHEMES:
+        if s not in by_max_len[lens[0]]:
+            continue
+        ys = [by_max_len[m][s].utilization_in_flight if in_flight else by_max_len[m][s].utilization
+              for m in lens]
+        ax.plot(lens, [100 * y for y in ys], marker="o", ms=3, color=SCHEME_COLORS[s], label=s)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(lens, [f"{m:,}" for m in lens])
+    ax.minorticks_off()
+    ax.set_ylim(0, 105)
+    ax.set_xlabel("max_len (tokens)")
+    ax.set_ylabel("slots holding tokens (%)" + (", in flight" if in_flight else ""))
     ax.grid(True, which="major", alpha=0.3)
 
 
@@ -223,3 +248,32 @@ def plot_length_histogram(ax: Axes, lens: Sequence[int] | np.ndarray, label: str
     ax.set_xscale("log")
     ax.set_xlabel("tokens per request (prompt + output)")
     ax.set_ylabel("requests")
+
+
+def _bar(share: float, color: str, hatch: bool = False) -> str:
+    stripes = (f"background: repeating-linear-gradient(45deg, {color}, {color} 3px, "
+               f"#ffffff 3px, #ffffff 5px)" if hatch else f"background: {color}")
+    return (f'<div style="width: 160px; background: #f0f0f0; display: inline-block; '
+            f'vertical-align: middle"><div style="width: {100 * share:.1f}%; height: 12px; '
+            f'{stripes}"></div></div>')
+
+
+def scheme_table_html(results: Mapping[str, SchemeResult], budget: int, title: str = "") -> str:
+    """The simulator's numbers as an HTML table with bars: per scheme, the share of reserved
+    slots holding tokens at completion and in flight (hatched), and requests fitting in
+    `budget` slots. A few kB per state, where a PNG of the same would be tens."""
+    names = [s for s in SCHEMES if s in results]
+    most = max(results[s].fits for s in names) or 1
+    rows = []
+    for s in names:
+        r, color = results[s], SCHEME_COLORS[s]
+        rows.append(
+            f"<tr><td><b>{html.escape(s)}</b></td>"
+            f"<td>{_bar(r.utilization, color)} {r.utilization:.1%}</td>"
+            f"<td>{_bar(r.utilization_in_flight, color, hatch=True)} "
+            f"{r.utilization_in_flight:.1%}</td>"
+            f"<td>{_bar(r.fits / most, color)} {r.fits:,}</td></tr>")
+    head = ("<tr><th>scheme</th><th>slots holding tokens, at completion</th>"
+            f"<th>in flight</th><th>requests in {budget:,} slots</th></tr>")
+    caption = f"<caption>{html.escape(title)}</caption>" if title else ""
+    return (f'<table style="font-size: 12px">{caption}{head}{"".join(rows)}</table>')

@@ -74,15 +74,26 @@ def simulator_figure(distribution: str, max_len: int, block_size: int, *,
     return fig
 
 
+def simulator_html(distribution: str, max_len: int, block_size: int, *,
+                   num_requests: int = 20_000, budget: int = 200_000, seed: int = 0) -> str:
+    """The numbers of `simulator_figure` as an HTML table with bars (what the widget shows)."""
+    requests = fr.sample_requests(distribution, num_requests, max_len, seed=seed)
+    results = fr.simulate(requests, max_len=max_len, block_size=block_size, budget=budget)
+    title = (f"{distribution}: {num_requests:,} requests, mean {requests.total_lens.mean():.0f} "
+             f"tokens, max_len {max_len:,}, paged blocks of {block_size}")
+    return pviz.scheme_table_html(results, budget, title)
+
+
 def simulator_widget(*, distributions: Sequence[str] = ("uniform", "pareto", "sharegpt",
                                                         "alpaca"),
                      max_lens: Sequence[int] = (512, 2048, 8192),
                      block_sizes: Sequence[int] = (4, 16, 64), num_requests: int = 20_000,
                      budget: int = 200_000) -> W.VBox:
-    """Distribution, max_len and block size controls over `simulator_figure`."""
-    def render(distribution: str, max_len: int, block_size: int) -> plt.Figure:
-        return simulator_figure(distribution, max_len, block_size,
-                                num_requests=num_requests, budget=budget)
+    """Distribution, max_len and block size controls over `simulator_html` (HTML states keep
+    the page light: 36 states of a few kB each)."""
+    def render(distribution: str, max_len: int, block_size: int) -> str:
+        return simulator_html(distribution, max_len, block_size, num_requests=num_requests,
+                              budget=budget)
 
     return live(render, distribution=list(distributions), max_len=list(max_lens),
                 block_size=list(block_sizes),
