@@ -17,6 +17,8 @@ import pytest
 from matplotlib.colors import to_rgba
 from matplotlib.patches import Rectangle
 
+from kvlib.cache.paged import PagedKVCache
+from kvlib.config import CacheConfig
 from kvlib.experiments import fragmentation as fr
 from kvlib.viz import paging as pviz
 from kvlib.widgets import paging as pw
@@ -96,19 +98,66 @@ def test_shared_blocks_are_drawn_in_the_shared_colour(ax):
     assert all(p.get_facecolor() == to_rgba(pviz.SHARED) for p in first)
 
 
-# -- the scripted scenario ------------------------------------------------------------------------
+# -- the scenario, on a real PagedKVCache ---------------------------------------------------------
 
-def test_scripted_scenario_keeps_the_invariants():
-    steps = pw.scripted_scenario()
-    assert len(steps) == 10
-    for s in steps:
+# Worked out by hand: a free queue handing out the least recently freed block first, prefix
+# hits on full blocks only, a copy-on-write into the next free block.
+EXPECTED_TABLES = [
+    {}, {0: (0, 1)}, {0: (0, 1, 2)}, {0: (0, 1, 2), 1: (0, 1, 3)},
+    {0: (0, 1, 2), 1: (0, 1, 3), 2: (0, 1, 2)}, {0: (0, 1, 2), 1: (0, 1, 3), 2: (0, 1, 4)},
+    {0: (0, 1, 2), 1: (0, 1, 3), 2: (0, 1, 4)}, {1: (0, 1, 3), 2: (0, 1, 4)}, {},
+    {3: (0, 1, 5)},
+]
+
+
+def _read_back(cache, seq_id):
+    """The token ids a sequence's keys hold, gathered through its block table."""
+    k = cache.k_pool(0)[cache.block_table(seq_id)]  # (nb, Hkv, BS, D)
+    return k[:, 0, :, 0].reshape(-1)[:int(cache.lengths([seq_id])[0])].long().tolist()
+
+
+def test_paged_scenario_matches_the_hand_worked_tables():
+    snaps, cache = pw.paged_scenario()
+    assert len(snaps) == len(pw.SCENARIO) == len(EXPECTED_TABLES)
+    assert [s.block_tables for s in snaps] == EXPECTED_TABLES
+    for s in snaps:
         named = [b for t in s.block_tables.values() for b in t]
         assert s.ref_counts == tuple(named.count(b) for b in range(s.num_blocks))
         assert not any(c and r for c, r in zip(s.cached, s.ref_counts))  # cached => free
-    cow = [s for s in steps if s.copied]
-    assert len(cow) == 1 and cow[0].block_tables[2][-1] in cow[0].copied
-    assert steps[3].ref_counts[:2] == (2, 2)  # a prefix hit shares two full blocks
-    assert steps[-1].block_tables[3][:2] == (0, 1)  # reused from the cached free blocks
+    assert [sorted(s.copied) for s in snaps] == [[]] * 5 + [[4]] + [[]] * 4
+    assert [b for b, c in enumerate(snaps[8].cached) if c] == [0, 1]
+    assert snaps[3].lengths == {0: 9, 1: 11} and snaps[6].lengths[0] == 10
+    cache.allocator.check_invariants()
+    assert _read_back(cache, 3) == list(range(1, 9)) + [40, 41, 42]
+
+
+def test_every_sequence_reads_back_its_own_tokens_at_every_step():
+    snaps, _ = pw.paged_scenario()
+    cfg = CacheConfig(num_layers=1, num_kv_heads=1, head_dim=2, max_batch_size=1,
+                      max_seq_len=64, block_size=pw.SCENARIO_BLOCK_SIZE)
+    cache = PagedKVCache(cfg, num_blocks=pw.SCENARIO_NUM_BLOCKS)
+    expected = {
+        1: {0: [1, 2, 3, 4, 5, 6]},
+        5: {0: list(range(1, 10)), 1: list(range(1, 9)) + [20, 21, 22],
+            2: list(range(1, 10)) + [30]},
+        6: {0: list(range(1, 11)), 2: list(range(1, 10)) + [30]},
+        9: {3: list(range(1, 9)) + [40, 41, 42]},
+    }
+    for step, (_, act) in enumerate(pw.SCENARIO):
+        act(cache)
+        for seq_id, tokens in expected.get(step, {}).items():
+            assert _read_back(cache, seq_id) == tokens, (step, seq_id)
+        cache.allocator.check_invariants()
+    assert cache.allocator.num_free_blocks == pw.SCENARIO_NUM_BLOCKS - 3
+
+
+def test_admit_with_prefix_reports_the_reused_tokens():
+    cfg = CacheConfig(num_layers=2, num_kv_heads=2, head_dim=4, max_batch_size=1,
+                      max_seq_len=64, block_size=4)
+    cache = PagedKVCache(cfg, num_blocks=8)
+    assert pw.admit_with_prefix(cache, 0, list(range(10))) == 0  # nothing cached yet
+    assert pw.admit_with_prefix(cache, 1, list(range(9)) + [99]) == 8  # two full blocks
+    assert cache.block_table(1)[:2] == cache.block_table(0)[:2]
 
 
 def _states(widget):
@@ -118,7 +167,7 @@ def _states(widget):
 
 
 def test_scenario_widget_has_one_labelled_state_per_step():
-    steps = pw.scripted_scenario()[:3]
+    steps = pw.paged_scenario()[0][:3]
     w = pw.scenario_widget(steps)
     (slider,) = w.children[0].children
     assert isinstance(slider, W.SelectionSlider) and len(slider.options) == 3

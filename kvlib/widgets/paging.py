@@ -6,47 +6,92 @@ controls pick among them in the browser, so they move in the HTML book without a
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import ipywidgets as W
 import matplotlib.pyplot as plt
+import torch
 
+from kvlib.cache.paged import PagedKVCache
+from kvlib.config import CacheConfig
 from kvlib.experiments import fragmentation as fr
 from kvlib.viz import paging as pviz
 from kvlib.widgets.live import live
 
+# The scenario: (caption, what happens). Block size 4, a pool of 10 blocks, token ids small
+# ints; seq 0's prompt is 1..6, and seqs 1 and 3 start with seq 0's first 8 tokens.
+SCENARIO_NUM_BLOCKS, SCENARIO_BLOCK_SIZE = 10, 4
+_SHARED_PREFIX = list(range(1, 9))
+SCENARIO: list[tuple[str, Callable[[PagedKVCache], object]]] = [
+    ("0. an empty pool", lambda c: None),
+    ("1. seq 0 arrives with a 6-token prompt: 2 blocks (4 + 2)",
+     lambda c: feed(c, 0, range(1, 7))),
+    ("2. seq 0 decodes 3 tokens: its 2nd block fills, a 3rd takes the 9th token",
+     lambda c: [feed(c, 0, [t]) for t in (7, 8, 9)]),
+    ("3. seq 1's prompt starts with seq 0's 8 tokens: 2 blocks shared, 3 new tokens",
+     lambda c: admit_with_prefix(c, 1, _SHARED_PREFIX + [20, 21, 22])),
+    ("4. fork seq 0 into seq 2 (parallel sampling): every block shared, nothing copied",
+     lambda c: c.fork(0, 2)),
+    ("5. seq 2 writes into a shared, partly filled block: copy-on-write, then write",
+     lambda c: feed(c, 2, [30])),
+    ("6. seq 0 writes into its last block, now its own: in place",
+     lambda c: feed(c, 0, [10])),
+    ("7. release seq 0: its last block is free; the shared ones stay in use",
+     lambda c: c.release([0])),
+    ("8. release seqs 1, 2: all free; the full blocks keep their hashes (cached)",
+     lambda c: c.release([1, 2])),
+    ("9. seq 3 starts with the same 8 tokens: the cached blocks come back, no prefill for them",
+     lambda c: admit_with_prefix(c, 3, _SHARED_PREFIX + [40, 41, 42])),
+]
 
-def scripted_scenario() -> list[pviz.PoolSnapshot]:
-    """Allocation, appends, a prefix hit, a fork and a copy-on-write in a pool of 10 blocks of 4.
 
-    Written out by hand as block tables and lengths, in the order an allocator taking the
-    lowest free block would produce them.
-    """
-    nb, bs = 10, 4
+def feed(cache: PagedKVCache, seq_id: int, token_ids: Iterable[int]) -> None:
+    """One step of `token_ids` for `seq_id` in every layer; each token's key and value are
+    its id (so what a sequence reads back names the tokens it holds)."""
+    ids = torch.tensor(list(token_ids), dtype=torch.int64)  # (N,)
+    cfg = cache.config
+    batch = cache.begin([seq_id], [len(ids)], ids)
+    kv = ids.to(cfg.dtype)[:, None, None].repeat(1, cfg.num_kv_heads, cfg.head_dim)  # (N, Hkv, D)
+    for layer in range(cache.num_layers):
+        cache.write(layer, batch, kv, kv)
+    cache.commit(batch)
 
-    def snap(tables, lengths, caption, cached=(), copied=()):
-        return pviz.snapshot(nb, bs, tables, lengths, cached=cached, caption=caption,
-                             copied=copied)
 
-    return [
-        snap({}, {}, "0. an empty pool"),
-        snap({0: [0, 1]}, {0: 6}, "1. seq 0 arrives with a 6-token prompt: blocks #0, #1 (4 + 2)"),
-        snap({0: [0, 1, 2]}, {0: 9}, "2. seq 0 decodes 3 tokens: #1 fills, #2 takes the 9th"),
-        snap({0: [0, 1, 2], 1: [0, 1, 3]}, {0: 9, 1: 11},
-             "3. seq 1's prompt starts with seq 0's first 8 tokens: #0, #1 shared, 3 new in #3"),
-        snap({0: [0, 1, 2], 1: [0, 1, 3], 2: [0, 1, 2]}, {0: 9, 1: 11, 2: 9},
-             "4. fork seq 0 into seq 2 (parallel sampling): every block shared, nothing copied"),
-        snap({0: [0, 1, 2], 1: [0, 1, 3], 2: [0, 1, 4]}, {0: 9, 1: 11, 2: 10},
-             "5. seq 2 writes into shared #2: copy-on-write into #4, then write", copied=[4]),
-        snap({0: [0, 1, 2], 1: [0, 1, 3], 2: [0, 1, 4]}, {0: 10, 1: 11, 2: 10},
-             "6. seq 0 writes into #2, now its own: in place"),
-        snap({1: [0, 1, 3], 2: [0, 1, 4]}, {1: 11, 2: 10},
-             "7. release seq 0: #2 is free; #0, #1 still in use"),
-        snap({}, {}, "8. release seqs 1, 2: all free; full #0, #1 keep their hashes (cached)",
-             cached=[0, 1]),
-        snap({3: [0, 1, 5]}, {3: 11},
-             "9. seq 3 starts with the same 8 tokens: cached #0, #1 reused, no prefill for them"),
-    ]
+def admit_with_prefix(cache: PagedKVCache, seq_id: int, prompt: Sequence[int]) -> int:
+    """Admit `seq_id` reusing the cached blocks its prompt starts with, feed the rest;
+    return how many prompt tokens were reused."""
+    reused = cache.reuse_prefix(seq_id, prompt)
+    feed(cache, seq_id, prompt[reused:])
+    return reused
+
+
+def cache_snapshot(cache: PagedKVCache, caption: str = "",
+                   before: dict[int, list[int]] | None = None) -> pviz.PoolSnapshot:
+    """A real cache as drawn: its block tables, lengths, and the allocator's reference counts
+    and cached free blocks. Blocks that replaced another at the same place of a table since
+    `before` (seq_id -> block table) are marked as copied on write."""
+    blocks = cache.allocator.blocks
+    tables = {s: cache.block_table(s) for s in cache.seq_ids}
+    lengths = {s: int(cache.lengths([s])[0]) for s in cache.seq_ids}
+    copied = [b for s, t in tables.items() if before and s in before
+              for j, b in enumerate(t) if j < len(before[s]) and before[s][j] != b]
+    cached = [b.block_id for b in blocks if b.ref_count == 0 and b.block_hash is not None]
+    return pviz.snapshot(cache.num_blocks, cache.block_size, tables, lengths,
+                         ref_counts=[b.ref_count for b in blocks], cached=cached,
+                         caption=caption, copied=copied)
+
+
+def paged_scenario() -> tuple[list[pviz.PoolSnapshot], PagedKVCache]:
+    """Run `SCENARIO` on a real `PagedKVCache`; its snapshot after each step, and the cache."""
+    cfg = CacheConfig(num_layers=1, num_kv_heads=1, head_dim=2, max_batch_size=1,
+                      max_seq_len=64, block_size=SCENARIO_BLOCK_SIZE)
+    cache = PagedKVCache(cfg, num_blocks=SCENARIO_NUM_BLOCKS)
+    snaps = []
+    for caption, act in SCENARIO:
+        before = {s: cache.block_table(s) for s in cache.seq_ids}
+        act(cache)
+        snaps.append(cache_snapshot(cache, caption, before))
+    return snaps, cache
 
 
 def scenario_widget(snapshots: Sequence[pviz.PoolSnapshot], width: float = 9.0) -> W.VBox:
