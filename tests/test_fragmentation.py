@@ -184,7 +184,7 @@ def test_a_large_stream_is_fast():
     start = time.perf_counter()
     r = fr.sample_requests("sharegpt", 200_000, 4096)
     fr.sweep_block_sizes(r, [1, 8, 16, 32, 64, 128], max_len=4096, budget=10**6)
-    assert time.perf_counter() - start < 5.0  # vectorised: well under a second unloaded
+    assert time.perf_counter() - start < 30.0  # vectorised: about 0.2 s unloaded; loose for a busy machine
 
 
 # -- bad input ----------------------------------------------------------------------------------

@@ -27,8 +27,9 @@ SCHEME_COLORS = {"max": "#7f7f7f", "pow2": "#9467bd", "oracle": "#2ca02c", "page
 
 
 def seq_color(seq_id: int) -> tuple[float, float, float, float]:
-    """A sequence's colour, the same in every drawing (tab10 by id, skipping yellow-ish)."""
-    palette = [0, 2, 4, 1, 5, 6, 9, 3]
+    """A sequence's colour, the same in every drawing (tab10 by id; no orange or red, which
+    would read as the shared yellow or the copy-on-write outline)."""
+    palette = [0, 2, 4, 5, 6, 9, 7]  # blue, green, purple, brown, pink, cyan, grey
     return plt.get_cmap("tab10")(palette[seq_id % len(palette)])
 
 
