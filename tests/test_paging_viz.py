@@ -247,3 +247,11 @@ def test_plot_max_len_sweep_one_line_per_scheme(ax):
     assert list(paged.get_xdata()) == [256, 1024]
     assert paged.get_ydata() == pytest.approx([100 * by[m]["paged"].utilization_in_flight
                                                for m in (256, 1024)])
+
+
+def test_the_chapters_simulator_widget_stays_light():
+    w = pw.simulator_widget()  # the chapter's grid: 4 streams x 3 max_lens x 3 block sizes
+    tables = [s.children[1] for outer in w.children[1].children for mid in outer.children
+              for s in mid.children]
+    assert len(tables) == 36 and all(isinstance(t, W.HTML) for t in tables)
+    assert sum(len(t.value) for t in tables) < 200_000  # a few kB per state
