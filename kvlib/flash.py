@@ -126,8 +126,7 @@ def _chunked(q: torch.Tensor, load: TileLoader, num_kv_heads: int, num_keys: int
             s = torch.matmul(q_blk, k_blk.transpose(-1, -2)).float() * scale  # (B,Hkv,G*tq,tk)
             keys = torch.arange(k_start, k_end, device=q.device)  # (tk,)
             visible = (keys <= pos[:, :, None]) & (keys < kv_lens[:, None, None])  # (B, tq, tk)
-            s = s.view(B, Hkv, G, tq, tk).masked_fill(~visible[:, None, None], float("-inf"))
-            s = s.view(B, Hkv, G * tq, tk)
+            s.view(B, Hkv, G, tq, tk).masked_fill_(~visible[:, None, None], float("-inf"))
             # -- online softmax: new max, rescale the old sums, add this tile's
             m_new = torch.maximum(m_i, s.amax(-1))  # (B, Hkv, G*tq)
             alpha = torch.exp(m_i - m_new)  # (B, Hkv, G*tq); 0 on the first tile
