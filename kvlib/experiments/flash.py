@@ -12,6 +12,8 @@ Legend: B batch, H query heads, Hkv KV heads, T queries, S keys, D head dim.
 from __future__ import annotations
 
 import math
+import os
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -50,6 +52,25 @@ def intra_op_threads(num_threads: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+@contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Send file descriptor 2 to /dev/null for the block.
+
+    NOTE: the profiler's C++ side prints timestamped "profiler_start/stop" lines straight to
+    fd 2 (no setting turns them off); in a notebook they would land in the cell's output and
+    change on every run.
+    """
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def peak_bytes(fn: Callable[[], Any], device: str | torch.device = "cpu") -> int:
     """Most bytes held at once by tensors allocated while `fn()` runs (its result included),
     above what was held before the call.
@@ -70,7 +91,8 @@ def peak_bytes(fn: Callable[[], Any], device: str | torch.device = "cpu") -> int
         fn()
         torch.cuda.synchronize(dev)
         return torch.cuda.max_memory_allocated(dev) - before
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU],
+                                  profile_memory=True) as prof:
         fn()
     sizes = []  # (time, +bytes allocated / -bytes freed)
     stack = list(prof.profiler.kineto_results.experimental_event_tree())

@@ -89,11 +89,11 @@ def tile_step_figure(scores: np.ndarray, q_tile: int, kv_tile: int, step: int) -
     return fig
 
 
-def plot_peak_memory(ax: Axes, memory: AttentionMemory) -> None:
+def plot_peak_memory(ax: Axes, memory: AttentionMemory, extend_to: int | None = None) -> None:
     """Measured peak bytes per path vs length (log-log), with the naive path's quadratic fit
-    and the chunked path's linear fit dashed."""
+    and the chunked path's linear fit dashed, drawn out to `extend_to` tokens if given."""
     T = np.array(memory.seq_lens, dtype=float)
-    grid = np.geomspace(T[0], T[-1], 50)
+    grid = np.geomspace(T[0], max(T[-1], extend_to or 0), 50)
     for path in PATHS:
         if path not in memory.peak_bytes:
             continue
