@@ -19,7 +19,8 @@ import kvlib.flash
 from kvlib import backends, flash
 from kvlib.attention import attention, decode_attention
 from kvlib.cache.contract import DenseKV, PagedKV, StepBatch
-from kvlib.config import ModelConfig
+from kvlib.cache.paged import PagedKVCache
+from kvlib.config import CacheConfig, ModelConfig
 from kvlib.experiments import demo_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -248,6 +249,21 @@ def test_model_generates_identical_tokens_on_the_chunked_path(backend, monkeypat
         got = model.generate(prompt, 128, cache=model.new_cache(2, 278))
     assert torch.equal(got.tokens, expected.tokens)
     torch.testing.assert_close(got.logits, expected.logits, atol=1e-4, rtol=1e-4)
+
+
+def test_model_on_a_paged_cache_generates_identical_tokens_on_the_chunked_path(monkeypatch):
+    # The paged cache hands attention a PagedKV: prefill tiles and decode chunks read blocks
+    # where they lie; tiny tiles make them straddle blocks of 16.
+    monkeypatch.setitem(backends.BACKENDS, "tiny tiles", flash.make_backend(16, 24, 40))
+    model = demo_model(SMALL)
+    prompt = torch.randint(0, SMALL.vocab_size, (2, 70), generator=torch.Generator()
+                           .manual_seed(1))
+    with torch.no_grad():
+        expected = model.generate(prompt, 128, cache=model.new_cache(2, 198))
+        model.attention = "tiny tiles"
+        config = CacheConfig.for_model(SMALL, max_batch_size=2, max_seq_len=198)
+        got = model.generate(prompt, 128, cache=PagedKVCache(config, num_blocks=32))
+    assert torch.equal(got.tokens, expected.tokens)
 
 
 # -- bad input --------------------------------------------------------------------------------

@@ -39,6 +39,16 @@ def test_incremental_bench_ends_with_json_speedups():
     assert last["device"].startswith("cpu")
 
 
+def test_paged_decode_bench_ends_with_json_ratios():
+    out = _run("bench/paged_decode.py", "--quick")
+    last = json.loads(out.strip().splitlines()[-1])
+    for name in ("paged", "gather", "flat", "sdpa"):
+        assert last[f"{name}_ms"] > 0
+    assert abs(last["paged_over_sdpa"] - last["paged_ms"] / last["sdpa_ms"]) < 0.01 * last[
+        "paged_over_sdpa"] + 0.002
+    assert last["paged_over_flat"] > 0 and last["gather_over_sdpa"] > 0
+
+
 def test_flash_bench_ends_with_json_peak_bytes_and_times():
     out = _run("bench/flash.py", "--quick")
     last = json.loads(out.strip().splitlines()[-1])
