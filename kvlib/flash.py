@@ -64,7 +64,15 @@ def paged_loader(kv: PagedKV) -> TileLoader:
     """Tiles of a block pool: only the block-table columns that hold the tile are read.
 
     Keys start..end-1 live in columns start // BS .. (end - 1) // BS; with BS = 16, keys
-    20..35 are columns 1 and 2, from offset 4 of the first.
+    20..35 are columns 1 and 2, from offset 4 of the first. With BS = 2, block b holding
+    the values 2b and 2b + 1, and a table [2, 0, 3]: keys 1..3 are columns 0 and 1 from
+    offset 1, that is block 2's second slot and block 0's two.
+
+    >>> pool = torch.arange(8.0).view(4, 1, 2, 1)  # (NB=4, Hkv=1, BS=2, D=1)
+    >>> kv = PagedKV(pool, pool, torch.tensor([[2, 0, 3, -1]], dtype=torch.int32),
+    ...              torch.tensor([5], dtype=torch.int32))
+    >>> paged_loader(kv)(1, 4)[0].flatten().tolist()
+    [5.0, 0.0, 1.0]
     """
     BS = kv.block_size
     B = kv.block_tables.shape[0]
