@@ -231,6 +231,13 @@ def test_packed_ragged_steps_through_a_flat_cache_equal_each_sequence_alone(mode
         start += len(t)
 
 
+def test_a_step_without_sequences_raises_a_clear_error(model):
+    with pytest.raises(ValueError, match="query_lens is empty"):
+        model.packed_hidden_states(torch.empty(0, dtype=torch.long), [])
+    with pytest.raises(ValueError, match="query_lens is empty"):
+        model(torch.empty(0, 3, dtype=torch.long))
+
+
 @pytest.mark.parametrize("bad", [128, -1, 1000], ids=str)
 def test_token_ids_outside_the_vocabulary_raise_naming_both(model, bad):
     ids = tokens(4, seed=30)
