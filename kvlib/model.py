@@ -196,6 +196,8 @@ class TransformerLM(nn.Module):
                              f"{tuple(token_ids.shape)} of {token_ids.dtype}")
         self._check_vocab(token_ids)
         lens = check_query_lens(query_lens, len(query_lens))
+        if not lens:
+            raise ValueError("query_lens is empty: a step feeds at least one sequence")
         if sum(lens) != token_ids.shape[0]:
             raise ValueError(f"query_lens {lens} sum to {sum(lens)}, but {token_ids.shape[0]} "
                              f"tokens were given")
@@ -290,7 +292,9 @@ class TransformerLM(nn.Module):
             # NOTE: the sequences were empty before; emptying them again undoes a partial run
             # (e.g. a cache too small for the whole generation), so no half-written cache stays.
             if cache is not None:
-                cache.release(seq_ids)
+                held = [s for s, n in zip(seq_ids, cache.lengths(seq_ids).tolist()) if n]
+                if held:  # a paged cache refuses to release what it never admitted
+                    cache.release(held)
             raise
 
     def _generate(self, prompt: torch.Tensor, max_new_tokens: int, cache: KVCache | None,
