@@ -64,6 +64,9 @@ class ModelConfig:
     norm_eps: float = 1e-5
     max_seq_len: int = 2048
     tie_embeddings: bool = False
+    qkv_bias: bool = False
+    sliding_window: int | None = None  # None: every layer attends to all earlier keys
+    sliding_layers: tuple[int, ...] | None = None  # layers with the window; None: all of them
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self) -> None:
@@ -91,6 +94,37 @@ class ModelConfig:
             value = getattr(self, name)
             _require(isinstance(value, int | float) and not isinstance(value, bool) and value > 0,
                      f"ModelConfig.{name} must be a number > 0, got {value!r}")
+        for name in ("tie_embeddings", "qkv_bias"):
+            _require(isinstance(getattr(self, name), bool),
+                     f"ModelConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        self._check_window()
+
+    def _check_window(self) -> None:
+        if self.sliding_window is not None:
+            _positive_int("ModelConfig", "sliding_window", self.sliding_window)
+        if self.sliding_layers is None:
+            return
+        _require(self.sliding_window is not None,
+                 f"ModelConfig.sliding_layers {self.sliding_layers!r} given without a "
+                 f"sliding_window")
+        layers = tuple(self.sliding_layers)
+        _require(all(isinstance(i, int) and not isinstance(i, bool)
+                     and 0 <= i < self.num_layers for i in layers)
+                 and len(set(layers)) == len(layers),
+                 f"ModelConfig.sliding_layers must be distinct layer indices in "
+                 f"[0, {self.num_layers}), got {self.sliding_layers!r}")
+        object.__setattr__(self, "sliding_layers", tuple(sorted(layers)))
+
+    def window(self, layer_idx: int) -> int | None:
+        """Keys layer `layer_idx` attends to at most (its window W), or None for all of them."""
+        if self.sliding_layers is None or layer_idx in self.sliding_layers:
+            return self.sliding_window
+        return None
+
+    @property
+    def layer_windows(self) -> tuple[int | None, ...]:
+        """`window(i)` for every layer i."""
+        return tuple(self.window(i) for i in range(self.num_layers))
 
     @property
     def queries_per_kv(self) -> int:

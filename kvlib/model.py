@@ -60,9 +60,10 @@ class MultiHeadAttention(nn.Module):
         super().__init__()
         self.config, self.layer_idx = config, layer_idx
         d, H, Hkv, D = config.d_model, config.num_heads, config.num_kv_heads, config.head_dim
-        self.q_proj = nn.Linear(d, H * D, bias=False)
-        self.k_proj = nn.Linear(d, Hkv * D, bias=False)
-        self.v_proj = nn.Linear(d, Hkv * D, bias=False)
+        bias = config.qkv_bias  # Qwen2 has biases on q, k, v (never on o)
+        self.q_proj = nn.Linear(d, H * D, bias=bias)
+        self.k_proj = nn.Linear(d, Hkv * D, bias=bias)
+        self.v_proj = nn.Linear(d, Hkv * D, bias=bias)
         self.o_proj = nn.Linear(H * D, d, bias=False)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache | None,
