@@ -9,11 +9,15 @@ T new tokens (queries), S keys (cached + new), D head dim.
 Masking rule. Query t of sequence b sits at absolute position `q_positions[b, t]`; key j of
 that sequence is visible when `j <= q_positions[b, t]` (causal) and `j < kv_lens[b]` (the key
 exists; rows of a batch have different lengths and the key tensor is padded to the longest).
+A sliding window W (Mistral, Gemma-2) also hides keys W or more positions back: `j > p - W`,
+so a query sees at most W keys, its own included.
 
 >>> q_positions = torch.tensor([[3]])   # one new token at position 3...
 >>> kv_lens = torch.tensor([4])          # ...over a cache holding positions 0..3
 >>> attention_mask(q_positions, kv_lens, num_keys=6).int().tolist()
 [[[1, 1, 1, 1, 0, 0]]]
+>>> attention_mask(q_positions, kv_lens, num_keys=6, window=2).int().tolist()
+[[[0, 0, 1, 1, 0, 0]]]
 """
 
 from __future__ import annotations
@@ -23,11 +27,14 @@ import math
 import torch
 
 
-def attention_mask(q_positions: torch.Tensor, kv_lens: torch.Tensor, num_keys: int) -> torch.Tensor:
+def attention_mask(q_positions: torch.Tensor, kv_lens: torch.Tensor, num_keys: int,
+                   window: int | None = None) -> torch.Tensor:
     """Boolean mask (B, T, S): True where query t of row b may attend to key j."""
     keys = torch.arange(num_keys, device=q_positions.device)  # (S,)
     causal = keys[None, None, :] <= q_positions[:, :, None]  # (B, T, S)
     exists = keys[None, None, :] < kv_lens.to(q_positions.device)[:, None, None]  # (B, 1, S)
+    if window is not None:
+        causal = causal & (keys[None, None, :] > q_positions[:, :, None] - window)  # (B, T, S)
     return causal & exists
 
 
@@ -52,6 +59,7 @@ def attention(
     v: torch.Tensor,
     q_positions: torch.Tensor,
     kv_lens: torch.Tensor,
+    window: int | None = None,
 ) -> torch.Tensor:
     """softmax(q k^T / sqrt(D) + mask) v with grouped-query heads.
 
@@ -60,6 +68,7 @@ def attention(
         k, v: (B, Hkv, S, D) keys and values; any strides (a view into a cache is fine).
         q_positions: (B, T) absolute position of each query.
         kv_lens: (B,) number of valid keys per row; keys at j >= kv_lens[b] are padding.
+        window: a sliding window W, or None: keys more than W - 1 positions back are hidden.
 
     Returns:
         (B, H, T, D) attention output, in q's dtype.
@@ -78,7 +87,7 @@ def attention(
     qg = q.reshape(B, Hkv, G * T, D)  # (B, Hkv, G*T, D)
     scores = torch.matmul(qg, k.transpose(-1, -2))  # (B, Hkv, G*T, S)
     scores = scores.float().view(B, Hkv, G, T, S) / math.sqrt(D)  # (B, Hkv, G, T, S)
-    mask = attention_mask(q_positions, kv_lens, S)  # (B, T, S)
+    mask = attention_mask(q_positions, kv_lens, S, window)  # (B, T, S)
     scores = scores.masked_fill(~mask[:, None, None], float("-inf"))
     probs = torch.softmax(scores, dim=-1).to(v.dtype)  # (B, Hkv, G, T, S)
     out = torch.matmul(probs.view(B, Hkv, G * T, S), v)  # (B, Hkv, G*T, D)

@@ -20,11 +20,12 @@ heads, D head dim, S keys.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch.nn import functional as F
 
-from kvlib.attention import attention
+from kvlib.attention import attention, attention_mask
 from kvlib.cache.contract import DenseKV, KVView, PagedKV, StepBatch
 
 Backend = Callable[[torch.Tensor, KVView, StepBatch], torch.Tensor]
@@ -74,26 +75,25 @@ def _per_sequence(q: torch.Tensor, dense: DenseKV, batch: StepBatch,
 
 def reference(q: torch.Tensor, kv: KVView, batch: StepBatch) -> torch.Tensor:
     """Gather (if paged), then the plain masked-softmax attention of `kvlib.attention`."""
-    return _per_sequence(q, kv.dense(), batch, attention)
+    return _per_sequence(q, kv.dense(), batch, partial(attention, window=kv.window))
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_positions: torch.Tensor,
-          kv_lens: torch.Tensor) -> torch.Tensor:
+          kv_lens: torch.Tensor, window: int | None = None) -> torch.Tensor:
     S = k.shape[2]
-    keys = torch.arange(S, device=q.device)  # (S,)
-    mask = (keys <= q_positions[:, :, None]) & (keys < kv_lens[:, None, None])  # (B, T, S)
+    mask = attention_mask(q_positions, kv_lens, S, window)  # (B, T, S)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None],
                                           enable_gqa=True)  # (B, H, T, D)
 
 
 def sdpa(q: torch.Tensor, kv: KVView, batch: StepBatch) -> torch.Tensor:
     """torch's fused attention on dense tensors (a paged view is gathered first)."""
-    return _per_sequence(q, kv.dense(), batch, _sdpa)
+    return _per_sequence(q, kv.dense(), batch, partial(_sdpa, window=kv.window))
 
 
 def fast(q: torch.Tensor, kv: KVView, batch: StepBatch) -> torch.Tensor:
     """Paged decode reads blocks in place; everything else goes to sdpa."""
-    if isinstance(kv, PagedKV) and batch.uniform_len == 1:
+    if isinstance(kv, PagedKV) and batch.uniform_len == 1 and kv.window is None:
         from kvlib.cache.paged_decode import paged_decode_attention
 
         return paged_decode_attention(q, kv.k_pool, kv.v_pool, kv.block_tables,

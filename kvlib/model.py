@@ -12,7 +12,7 @@ d model width, V vocabulary.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -84,6 +84,9 @@ class MultiHeadAttention(nn.Module):
         else:
             cache.write(self.layer_idx, batch, k, v)
             kv = cache.read(self.layer_idx, batch)  # past + new, read where it lies
+        window = cfg.window(self.layer_idx)
+        if window is not None:  # a sliding-window layer: keys W or more positions back hidden
+            kv = replace(kv, window=window)
         out = attend(q, kv, batch, backend)  # (N, H, D)
         return self.o_proj(out.reshape(N, H * D))  # (N, d)
 

@@ -10,6 +10,7 @@ d_model / heads, two RoPE thetas, and a sliding window shorter than the prompt.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -42,6 +43,13 @@ CASES = {
                                           sliding_window=None)),
     "qwen2-bias-gqa": ("qwen2", dict(hidden_size=64, num_attention_heads=4,
                                      num_key_value_heads=2, use_sliding_window=False)),
+    # Every layer windowed, W = 12 < the 48-token prompt (Mistral v0.1 style).
+    "mistral-window12": ("mistral", dict(hidden_size=64, num_attention_heads=4,
+                                         num_key_value_heads=2, sliding_window=12)),
+    # Layer 1 windowed, layer 0 global (Qwen2's max_window_layers; per-layer like Gemma-2).
+    "qwen2-window-layer1": ("qwen2", dict(hidden_size=64, num_attention_heads=2,
+                                          num_key_value_heads=1, use_sliding_window=True,
+                                          sliding_window=20, max_window_layers=1)),
 }
 
 FAMILIES = {"llama": ("LlamaConfig", "LlamaForCausalLM"),
@@ -318,3 +326,43 @@ def test_window_on_every_layer_or_on_some():
 def test_bad_switches_are_refused(fields, message):
     with pytest.raises(ValueError, match=message):
         ModelConfig(**BASE, **fields)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sliding windows: what the mask hides, on every backend
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def windowed(tmp_path_factory):
+    family, overrides = CASES["mistral-window12"]
+    hf_model = make_hf_model(family, seed=5, **overrides)
+    return hf_model, kvhf.load_pretrained(save(hf_model, tmp_path_factory.mktemp("w")))
+
+
+def test_the_window_hides_old_keys_only(windowed):
+    _, model = windowed
+    tokens = prompt(3)
+    unwindowed = type(model)(dataclasses.replace(model.config, sliding_window=None)).eval()
+    unwindowed.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        a, b = model(tokens), unwindowed(tokens)  # (1, P, V)
+    # Positions 0..11 see at most 12 keys either way; from position 12 on the window bites.
+    torch.testing.assert_close(a[:, :12], b[:, :12])
+    assert (a[:, 12:] - b[:, 12:]).abs().amax(-1).min() > 1e-3
+
+
+@pytest.mark.parametrize("backend", ["reference", "sdpa", "fast"])
+def test_windowed_backends_agree_with_transformers(windowed, backend):
+    hf_model, model = windowed
+    tokens = prompt(4)
+    with torch.no_grad():
+        expected = hf_model(tokens).logits.float()
+    model.attention = backend
+    try:
+        torch.testing.assert_close(model(tokens), expected, atol=1e-4, rtol=1e-4)
+        cache = model.new_cache(1, PROMPT + NEW)
+        got = model.generate(tokens, 16, cache=cache).tokens
+    finally:
+        model.attention = "reference"
+    assert got.tolist() == hf_model.generate(tokens, max_new_tokens=16, do_sample=False,
+                                             pad_token_id=0)[:, PROMPT:].tolist()

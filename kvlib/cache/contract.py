@@ -114,6 +114,7 @@ class DenseKV:
     k: torch.Tensor  # (B, Hkv, S, D)
     v: torch.Tensor  # (B, Hkv, S, D)
     context_lens: torch.Tensor  # (B,) int64 on k's device: valid keys per row
+    window: int | None = None  # sliding window W of the layer: keys p - W or older are hidden
 
     def dense(self) -> DenseKV:
         return self
@@ -131,6 +132,7 @@ class PagedKV:
     v_pool: torch.Tensor  # (NB, Hkv, BS, D)
     block_tables: torch.Tensor  # (B, max_blocks) int32, padded with -1
     context_lens: torch.Tensor  # (B,) int32 on the pool's device: valid keys per row
+    window: int | None = None  # sliding window W of the layer (see DenseKV)
 
     @property
     def block_size(self) -> int:
@@ -147,7 +149,7 @@ class PagedKV:
         v = self.v_pool[tables]
         k = k.permute(0, 2, 1, 3, 4).reshape(B, Hkv, -1, D)[:, :, :S]  # (B, Hkv, S, D)
         v = v.permute(0, 2, 1, 3, 4).reshape(B, Hkv, -1, D)[:, :, :S]
-        return DenseKV(k, v, self.context_lens.long())
+        return DenseKV(k, v, self.context_lens.long(), self.window)
 
 
 KVView = DenseKV | PagedKV
