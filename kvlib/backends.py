@@ -49,26 +49,29 @@ def attend(q: torch.Tensor, kv: KVView, batch: StepBatch, backend: str = "refere
 
 
 def _per_sequence(q: torch.Tensor, dense: DenseKV, batch: StepBatch,
-                  fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """Run `fn(q (B, H, T, D), k, v, q_positions (B, T), kv_lens (B,))` on rectangles.
+                  fn: Callable[..., torch.Tensor]) -> torch.Tensor:
+    """Run `fn(q (B, H, T, D), k, v, q_positions (B, T), kv_lens (B,), key_start=)` on
+    rectangles (`key_start` (B,) or None: see `DenseKV`).
 
     A (B, T) batch is one call; a ragged batch is one call per sequence.
     """
     N, H, D = q.shape
     T = batch.uniform_len
+    starts = dense.key_start
     if T is not None:
         B = batch.num_seqs
         qb = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
-        out = fn(qb, dense.k, dense.v, batch.positions.view(B, T), dense.context_lens)
+        out = fn(qb, dense.k, dense.v, batch.positions.view(B, T), dense.context_lens,
+                 key_start=starts)
         return out.transpose(1, 2).reshape(N, H, D)
     outs = []
     cu = batch.cu_query_lens.tolist()
     for b in range(batch.num_seqs):
-        n = int(dense.context_lens[b])
+        n = int(dense.context_lens[b]) - (0 if starts is None else int(starts[b]))  # keys held
         qb = q[cu[b]:cu[b + 1]].transpose(0, 1)[None]  # (1, H, T_b, D)
         kb, vb = dense.k[b:b + 1, :, :n], dense.v[b:b + 1, :, :n]  # (1, Hkv, n, D)
-        out = fn(qb, kb, vb, batch.positions[cu[b]:cu[b + 1]][None], dense.context_lens[b:b + 1])
+        out = fn(qb, kb, vb, batch.positions[cu[b]:cu[b + 1]][None], dense.context_lens[b:b + 1],
+                 key_start=None if starts is None else starts[b:b + 1])
         outs.append(out[0].transpose(0, 1))  # (T_b, H, D)
     return torch.cat(outs)  # (N, H, D)
 
@@ -79,9 +82,10 @@ def reference(q: torch.Tensor, kv: KVView, batch: StepBatch) -> torch.Tensor:
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_positions: torch.Tensor,
-          kv_lens: torch.Tensor, window: int | None = None) -> torch.Tensor:
+          kv_lens: torch.Tensor, window: int | None = None,
+          key_start: torch.Tensor | None = None) -> torch.Tensor:
     S = k.shape[2]
-    mask = attention_mask(q_positions, kv_lens, S, window)  # (B, T, S)
+    mask = attention_mask(q_positions, kv_lens, S, window, key_start)  # (B, T, S)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None],
                                           enable_gqa=True)  # (B, H, T, D)
 

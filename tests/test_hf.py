@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from kvlib import hf as kvhf
+from kvlib.cache.ring import RingKVCache
 from kvlib.config import ModelConfig
 
 transformers = pytest.importorskip("transformers")
@@ -360,9 +361,13 @@ def test_windowed_backends_agree_with_transformers(windowed, backend):
     model.attention = backend
     try:
         torch.testing.assert_close(model(tokens), expected, atol=1e-4, rtol=1e-4)
-        cache = model.new_cache(1, PROMPT + NEW)
-        got = model.generate(tokens, 16, cache=cache).tokens
+        flat = model.new_cache(1, PROMPT + NEW)
+        ring = RingKVCache.for_model(model.config, max_batch_size=1, max_seq_len=PROMPT + NEW,
+                                     max_query_len=PROMPT)
+        got = [model.generate(tokens, NEW, cache=c).tokens.tolist() for c in (flat, ring)]
     finally:
         model.attention = "reference"
-    assert got.tolist() == hf_model.generate(tokens, max_new_tokens=16, do_sample=False,
-                                             pad_token_id=0)[:, PROMPT:].tolist()
+    want = hf_model.generate(tokens, max_new_tokens=NEW, do_sample=False,
+                             pad_token_id=0)[:, PROMPT:].tolist()
+    assert got == [want, want]
+    assert ring.capacities == [12 + PROMPT - 1] * 2  # of PROMPT + NEW = 112 positions

@@ -115,6 +115,9 @@ class DenseKV:
     v: torch.Tensor  # (B, Hkv, S, D)
     context_lens: torch.Tensor  # (B,) int64 on k's device: valid keys per row
     window: int | None = None  # sliding window W of the layer: keys p - W or older are hidden
+    # (B,) int64: position of key 0 per row, when the view starts past position 0 (a ring
+    # buffer's oldest kept key); None: key j is position j. context_lens stay positions.
+    key_start: torch.Tensor | None = None
 
     def dense(self) -> DenseKV:
         return self
