@@ -371,3 +371,23 @@ def test_windowed_backends_agree_with_transformers(windowed, backend):
                              pad_token_id=0)[:, PROMPT:].tolist()
     assert got == [want, want]
     assert ring.capacities == [12 + PROMPT - 1] * 2  # of PROMPT + NEW = 112 positions
+
+
+# ---------------------------------------------------------------------------------------------
+# Chapter 8's experiment, as the chapter runs it offline
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("family", "overrides"), [
+    ("llama", {}), ("mistral", {"sliding_window": 8, "tie_word_embeddings": False})],
+    ids=["smollm2-like", "mistral-window8"])
+def test_chapter_experiment_agrees_on_every_cache_kind(tmp_path, family, overrides):
+    from kvlib.experiments import models as mexp
+
+    folder = mexp.random_checkpoint(tmp_path, family=family, num_hidden_layers=2, **overrides)
+    model = kvhf.load_pretrained(folder)
+    result = mexp.compare_with_transformers(model, mexp.reference_model(folder),
+                                            prompt(5)[:, :24], new_tokens=24)
+    assert result.max_logit_diff < 1e-4 and result.logit_scale > 1.0
+    assert set(result.tokens) == {"flat, seq_major", "flat, head_major",
+                                  "ring (sliding windows)"}
+    assert result.all_match and len(set(result.reference_tokens)) > 8

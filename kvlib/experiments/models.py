@@ -8,12 +8,15 @@ transformers is needed here (it is the reference), not by the rest of kvlib.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from kvlib.cache.contract import KVCache
+from kvlib.cache.ring import RingKVCache
 from kvlib.config import Layout
 from kvlib.model import TransformerLM
 
@@ -23,6 +26,21 @@ SMALL_SMOLLM2 = dict(vocab_size=1024, hidden_size=192, intermediate_size=512,
                      num_hidden_layers=4, num_attention_heads=3, num_key_value_heads=1,
                      head_dim=64, rope_theta=100_000.0, rms_norm_eps=1e-5,
                      max_position_embeddings=512, tie_word_embeddings=True)
+
+
+@contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """transformers' progress bars off (they would be saved as widgets in the notebook),
+    restored after."""
+    from transformers.utils import logging
+
+    was_on = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            logging.enable_progress_bar()
 
 
 def random_checkpoint(folder: str | Path, family: str = "llama", seed: int = 0,
@@ -56,26 +74,41 @@ def random_checkpoint(folder: str | Path, family: str = "llama", seed: int = 0,
                     p.copy_(embed_scale * torch.randn(p.shape, generator=gen))
                 else:
                     p.copy_(torch.randn(p.shape, generator=gen) * 1.5 / math.sqrt(p.shape[1]))
-    model.save_pretrained(folder, safe_serialization=True)
+    with _no_progress_bars():
+        model.save_pretrained(folder, safe_serialization=True)
     return Path(folder)
 
 
-def reference_model(folder: str | Path):
+def reference_model(folder: str | Path, device: torch.device | str = "cpu"):
     """The same checkpoint through transformers (safetensors only, no remote code), fp32."""
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        folder, dtype=torch.float32, use_safetensors=True, trust_remote_code=False)
-    model.set_attn_implementation("eager")
+    with _no_progress_bars():
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            folder, use_safetensors=True, trust_remote_code=False)
+    model = model.to(device=device, dtype=torch.float32)  # any transformers version's default
+    if hasattr(model, "set_attn_implementation"):  # transformers >= 4.48
+        model.set_attn_implementation("eager")
     # NOTE: no stopping at end-of-text, so that both generate exactly the tokens asked for.
     model.generation_config.eos_token_id = None
     return model.eval()
 
 
-def cache_kinds(model: TransformerLM, batch_size: int, max_seq_len: int) -> dict[str, KVCache]:
-    """One empty cache of every kind kvlib has, sized for `batch_size` x `max_seq_len`."""
-    return {f"flat, {layout.value}": model.new_cache(batch_size, max_seq_len, layout)
-            for layout in Layout}
+def cache_kinds(model: TransformerLM, batch_size: int, max_seq_len: int,
+                max_query_len: int) -> dict[str, KVCache]:
+    """One empty cache of every kind kvlib has, sized for `batch_size` x `max_seq_len`.
+
+    The ring cache keeps `max_query_len` - 1 keys beyond each window (a prompt is fed in one
+    step of that many tokens); on a model without windows it keeps everything, as flat does.
+    """
+    caches: dict[str, KVCache] = {
+        f"flat, {layout.value}": model.new_cache(batch_size, max_seq_len, layout)
+        for layout in Layout}
+    weight = model.embed.weight
+    caches["ring (sliding windows)"] = RingKVCache.for_model(
+        model.config, max_batch_size=batch_size, max_seq_len=max_seq_len,
+        max_query_len=max_query_len, dtype=weight.dtype, device=weight.device)
+    return caches
 
 
 @dataclass(frozen=True)
@@ -96,10 +129,14 @@ class Agreement:
 def compare_with_transformers(model: TransformerLM, reference, prompt: torch.Tensor,
                               new_tokens: int) -> Agreement:
     """Logits over `prompt` (1, P) and greedy continuations, kvlib (each cache) vs reference."""
-    expected = reference(prompt).logits.float()  # (1, P, V)
-    diff = float((model(prompt).float() - expected).abs().max())
-    ref = reference.generate(prompt, max_new_tokens=new_tokens, do_sample=False,
-                             pad_token_id=0)[0, prompt.shape[1]:].tolist()
+    P = prompt.shape[1]
+    prompt = prompt.to(model.embed.weight.device)
+    ref_prompt = prompt.to(reference.device)
+    expected = reference(ref_prompt).logits.float().cpu()  # (1, P, V)
+    diff = float((model(prompt).float().cpu() - expected).abs().max())
+    ref = reference.generate(ref_prompt, max_new_tokens=new_tokens, do_sample=False,
+                             pad_token_id=0)[0, P:].tolist()
+    caches = cache_kinds(model, 1, P + new_tokens, max_query_len=P)
     tokens = {name: model.generate(prompt, new_tokens, cache=cache).tokens[0].tolist()
-              for name, cache in cache_kinds(model, 1, prompt.shape[1] + new_tokens).items()}
+              for name, cache in caches.items()}
     return Agreement(diff, float(expected.std()), ref, tokens)

@@ -144,6 +144,7 @@ def plot_gpu_memory(ax: Axes, models: Mapping[str, Model], context_len: int, bat
     """
     names = list(models)
     gpu = gpu_gb * 10**9
+    labels = {"weights": "weights", "cache": f"cache of {batch_size:,} sequence(s)"}
     for i, name in enumerate(names):
         m = models[name]
         wdt = WEIGHT_DTYPE.get(name, "bf16")
@@ -153,12 +154,12 @@ def plot_gpu_memory(ax: Axes, models: Mapping[str, Model], context_len: int, bat
             ax.text(1.02, i, f"{m.num_heads} heads do not split over {tp} GPUs",
                     transform=ax.get_yaxis_transform(), va="center", fontsize=7, color="gray")
             continue
-        ax.barh(i, weights, color="tab:gray", label="weights" if i == 0 else None)
+        ax.barh(i, weights, color="tab:gray", label=labels.pop("weights", None))
         if context_len > m.max_seq_len:  # no cache drawn: the model cannot read that far
             note = f"context > its max {m.max_seq_len:,}"
         else:
             cache = analysis.cache_bytes(m, context_len, batch_size, dtype, tp) / 1e9
-            ax.barh(i, cache, left=weights, color="tab:blue", label="cache" if i == 0 else None)
+            ax.barh(i, cache, left=weights, color="tab:blue", label=labels.pop("cache", None))
             fit = analysis.max_sequences(m, context_len, gpu, dtype=dtype, weight_dtype=wdt,
                                          tp=tp)
             note = "weights do not fit" if weights * 1e9 >= gpu else f"fits {fit:,} seqs"
