@@ -7,6 +7,8 @@ bytes): K and V (2) x layers x KV heads x head_dim x 2 bytes, or for MLA layers 
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from kvlib.analysis import (
@@ -115,3 +117,77 @@ def test_max_sequences_after_the_weights():
 def test_bad_arguments_are_refused(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+# ---------------------------------------------------------------------------------------------
+# Chapter 8's drawings and widget: what they show is what analysis computes
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def ax():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    yield ax
+    plt.close(fig)
+
+
+def test_comparison_table_rows_are_the_hand_values():
+    from kvlib.viz import models as mviz
+
+    rows = mviz.comparison_table(REAL_MODELS, [4096]).splitlines()[1:]
+    assert [r.split()[0] for r in rows] == list(BY_HAND)
+    for row, name in zip(rows, BY_HAND):
+        cells = row.split()
+        assert float(cells[-3]) == round(BY_HAND[name] / 1024, 1)  # KV/token KiB
+    assert rows[0].split()[-1] == "-"  # GPT-2 stops at 1,024 tokens
+
+
+def test_ring_buffer_drawing_holds_the_last_positions(ax):
+    from kvlib.viz import models as mviz
+
+    mviz.draw_ring_buffer(ax, num_tokens=10, window=4)
+    last_row = sorted((t.get_position(), t.get_text()) for t in ax.texts
+                      if t.get_position()[1] == 9)
+    assert [int(text) for _, text in last_row] == [8, 9, 6, 7]  # slot s holds p, p mod 4 = s
+
+
+def test_window_mask_drawing_counts_at_most_w_keys(ax):
+    from kvlib.viz import models as mviz
+
+    mviz.draw_window_mask(ax, 10, 4)
+    mask = ax.images[0].get_array()
+    assert mask.sum(axis=1).tolist() == [1, 2, 3, 4, 4, 4, 4, 4, 4, 4]
+
+
+def test_gpu_memory_notes_say_what_analysis_says(ax):
+    from kvlib.viz import models as mviz
+
+    mviz.plot_gpu_memory(ax, REAL_MODELS, 4096, 16, "bf16", 80, tp=8)
+    notes = dict(zip(REAL_MODELS, (t.get_text() for t in ax.texts)))
+    assert notes["gpt2"] == "12 heads do not split over 8 GPUs"
+    fit = max_sequences(REAL_MODELS["llama-3-70b"], 4096, 80 * 10**9, tp=8)
+    assert notes["llama-3-70b"] == f"fits {fit:,} seqs"
+    assert notes["deepseek-v3"] == "weights do not fit"  # 671 GB of FP8 over 8: 83.9 GB each
+    labels = ax.get_legend_handles_labels()[1]
+    assert sorted(labels) == ["80 GB GPU", "cache of 16 sequence(s)", "weights"]
+
+
+def test_gpu_memory_widget_states():
+    from kvlib.widgets import models as mwidgets
+
+    states = math.prod(len(v) for v in mwidgets.GRID.values())
+    assert states <= 40 and set(mwidgets.GRID) == {"context", "batch", "dtype", "gpu_gb", "tp"}
+    small = {"context": [4096], "batch": [1], "dtype": ["bf16"], "gpu_gb": [80, 141], "tp": [8]}
+    box = mwidgets.gpu_memory_widget(grid=small)
+
+    def labels(widget) -> list[str]:
+        value = getattr(widget, "value", None)
+        own = [value] if isinstance(value, str) and "kv-live-state" in value else []
+        return own + [x for child in getattr(widget, "children", ()) for x in labels(child)]
+
+    found = labels(box)
+    assert len(found) == 2 and "gpu_gb = 80 " in found[0] and "gpu_gb = 141 " in found[1]
