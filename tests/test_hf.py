@@ -20,8 +20,9 @@ import pytest
 import torch
 
 from kvlib import hf as kvhf
+from kvlib.cache.paged import PagedKVCache
 from kvlib.cache.ring import RingKVCache
-from kvlib.config import ModelConfig
+from kvlib.config import CacheConfig, ModelConfig
 
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
@@ -87,6 +88,16 @@ def save(model, folder: Path, **kwargs) -> Path:
     return folder
 
 
+def paged_cache(model, block_size: int = 16) -> PagedKVCache:
+    """A paged cache for one sequence of PROMPT + NEW tokens; it frees blocks that leave
+    the window when every layer has the same one."""
+    windows = set(model.config.layer_windows)
+    window = windows.pop() if len(windows) == 1 else None
+    cfg = CacheConfig.for_model(model.config, max_batch_size=1, max_seq_len=PROMPT + NEW,
+                                block_size=block_size)
+    return PagedKVCache(cfg, num_blocks=-(-(PROMPT + NEW) // block_size), window=window)
+
+
 def prompt(seed: int = 0) -> torch.Tensor:
     return torch.randint(0, VOCAB, (1, PROMPT), generator=torch.Generator().manual_seed(seed))
 
@@ -114,9 +125,9 @@ def test_greedy_generation_matches_transformers_generate(pair):
     tokens = prompt(2)
     expected = hf_model.generate(tokens, max_new_tokens=NEW, do_sample=False,
                                  pad_token_id=0)[:, PROMPT:]  # (1, NEW)
-    cache = model.new_cache(1, PROMPT + NEW)
-    got = model.generate(tokens, NEW, cache=cache).tokens  # (1, NEW)
-    assert got.tolist() == expected.tolist()
+    for cache in (model.new_cache(1, PROMPT + NEW), paged_cache(model)):
+        got = model.generate(tokens, NEW, cache=cache).tokens  # (1, NEW)
+        assert got.tolist() == expected.tolist(), type(cache).__name__
     assert len(set(got[0].tolist())) > 3  # the continuation changes token, more than once
 
 
@@ -364,12 +375,16 @@ def test_windowed_backends_agree_with_transformers(windowed, backend):
         flat = model.new_cache(1, PROMPT + NEW)
         ring = RingKVCache.for_model(model.config, max_batch_size=1, max_seq_len=PROMPT + NEW,
                                      max_query_len=PROMPT)
-        got = [model.generate(tokens, NEW, cache=c).tokens.tolist() for c in (flat, ring)]
+        paged = paged_cache(model, block_size=4)
+        got = [model.generate(tokens, NEW, cache=c).tokens.tolist() for c in (flat, ring, paged)]
     finally:
         model.attention = "reference"
     want = hf_model.generate(tokens, max_new_tokens=NEW, do_sample=False,
                              pad_token_id=0)[:, PROMPT:].tolist()
-    assert got == [want, want]
+    assert got == [want, want, want]
+    # 111 tokens held; the next query (position 111) reads keys 100..111: blocks 25.. of 4.
+    table = paged.block_table(0)
+    assert table[:25] == [-1] * 25 and -1 not in table[25:]
     assert ring.capacities == [12 + PROMPT - 1] * 2  # of PROMPT + NEW = 112 positions
 
 

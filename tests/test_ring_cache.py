@@ -1,7 +1,8 @@
-"""RingKVCache: sliding-window layers keep W + max_query_len - 1 keys, and nothing changes.
+"""Caches for sliding windows: RingKVCache keeps W + max_query_len - 1 keys per windowed
+layer; PagedKVCache(window=W) frees the blocks that leave the window.
 
 The reference is the flat cache, which keeps every key and lets the attention mask hide the
-old ones: the ring must give the same logits while storing far less.
+old ones: both must give the same outputs while storing far less.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from torch import nn
 
 from kvlib.cache.contract import append
 from kvlib.cache.flat import FlatKVCache
+from kvlib.cache.paged import PagedKVCache
 from kvlib.cache.ring import RingKVCache
 from kvlib.config import CacheConfig, ModelConfig
 from kvlib.model import TransformerLM
@@ -161,3 +163,64 @@ def test_storage_is_capped_by_the_window():
     flat = FlatKVCache(CacheConfig.for_model(cfg, max_batch_size=1, max_seq_len=1024))
     assert ring.capacities == [32, 1024, 32, 1024]
     assert ring.nbytes == flat.data.nbytes * (32 + 1024) // 2048
+
+
+# ---------------------------------------------------------------------------------------------
+# The paged cache with a window: blocks that leave it go back to the pool
+# ---------------------------------------------------------------------------------------------
+
+def windowed_paged(model, num_blocks: int = 64, block_size: int = 4) -> PagedKVCache:
+    cfg = CacheConfig.for_model(model.config, max_batch_size=2, max_seq_len=128,
+                                block_size=block_size)
+    return PagedKVCache(cfg, num_blocks=num_blocks, window=model.config.sliding_window)
+
+
+@settings(max_examples=30)
+@given(schedule=st.lists(st.tuples(st.integers(1, 6), st.integers(1, 6)), min_size=1,
+                         max_size=12),
+       window=st.integers(1, 9))
+def test_paged_window_frees_blocks_and_matches_flat(schedule, window):
+    model = windowed_model(window=window, seed=4)
+    paged, flat = windowed_paged(model), model.new_cache(2, 128)
+    gen = torch.Generator().manual_seed(window)
+    for a, b in schedule:
+        ids = torch.randint(0, 64, (a + b,), generator=gen)
+        got = model.packed_hidden_states(ids, [a, b], paged, [0, 1])
+        want = model.packed_hidden_states(ids, [a, b], flat, [0, 1])
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        for seq, length in zip((0, 1), paged.lengths([0, 1]).tolist()):
+            live = [i for i, block in enumerate(paged.block_table(seq)) if block >= 0]
+            # exactly the blocks holding positions length - W + 1 .. length - 1 stay
+            first = max(length - window + 1, 0) // 4
+            assert live == list(range(first, -(-length // 4)))
+    paged.allocator.check_invariants()
+    paged.release([0, 1])
+    assert paged.allocator.num_free_blocks == paged.num_blocks
+
+
+def test_a_long_generation_holds_a_window_of_blocks():
+    model = windowed_model(window=8)
+    paged = windowed_paged(model, num_blocks=6)  # 6 blocks of 4 = 24 tokens, never more
+    prompt = tokens(4, seed=2)
+    flat = model.generate(prompt, 100, cache=model.new_cache(1, 128)).tokens
+    assert model.generate(prompt, 100, cache=paged).tokens.tolist() == flat.tolist()
+    assert paged.allocator.num_used_blocks <= 3  # ceil((8 - 1) / 4) + 1
+
+
+def test_forked_windowed_sequences_share_then_free():
+    model = windowed_model(window=5)
+    paged = windowed_paged(model, num_blocks=16)
+    model(tokens(10), paged, [0])
+    paged.fork(0, 1)
+    assert paged.block_table(1) == paged.block_table(0) and paged.block_table(0)[0] == -1
+    model(tokens(6, seed=9), paged, [1])  # the fork moves on; its old blocks leave its window
+    paged.allocator.check_invariants()
+    paged.release([0, 1])
+    assert paged.allocator.num_free_blocks == 16
+
+
+def test_window_must_be_positive():
+    cfg = CacheConfig(num_layers=1, num_kv_heads=1, head_dim=2, max_batch_size=1,
+                      max_seq_len=8, block_size=4)
+    with pytest.raises(ValueError, match="window must be an int >= 1"):
+        PagedKVCache(cfg, num_blocks=2, window=0)
