@@ -404,5 +404,5 @@ def test_chapter_experiment_agrees_on_every_cache_kind(tmp_path, family, overrid
                                             prompt(5)[:, :24], new_tokens=24)
     assert result.max_logit_diff < 1e-4 and result.logit_scale > 1.0
     assert set(result.tokens) == {"flat, seq_major", "flat, head_major",
-                                  "ring (sliding windows)"}
+                                  "ring (sliding windows)", "paged"}
     assert result.all_match and len(set(result.reference_tokens)) > 8

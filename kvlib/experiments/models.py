@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 
 from kvlib.cache.contract import KVCache
+from kvlib.cache.paged import PagedKVCache
 from kvlib.cache.ring import RingKVCache
-from kvlib.config import Layout
+from kvlib.config import CacheConfig, Layout
 from kvlib.model import TransformerLM
 
 # SmolLM2-135M's shape, shrunk: its head_dim (64), its 3:1 query-to-KV-head ratio, tied
@@ -100,14 +101,21 @@ def cache_kinds(model: TransformerLM, batch_size: int, max_seq_len: int,
 
     The ring cache keeps `max_query_len` - 1 keys beyond each window (a prompt is fed in one
     step of that many tokens); on a model without windows it keeps everything, as flat does.
+    The paged cache frees blocks that leave the window when every layer has the same one.
     """
     caches: dict[str, KVCache] = {
         f"flat, {layout.value}": model.new_cache(batch_size, max_seq_len, layout)
         for layout in Layout}
     weight = model.embed.weight
-    caches["ring (sliding windows)"] = RingKVCache.for_model(
-        model.config, max_batch_size=batch_size, max_seq_len=max_seq_len,
-        max_query_len=max_query_len, dtype=weight.dtype, device=weight.device)
+    config = CacheConfig.for_model(model.config, max_batch_size=batch_size,
+                                   max_seq_len=max_seq_len, dtype=weight.dtype,
+                                   device=weight.device)
+    caches["ring (sliding windows)"] = RingKVCache(config, model.config.layer_windows,
+                                                   max_query_len)
+    windows = set(model.config.layer_windows)
+    caches["paged"] = PagedKVCache(
+        config, num_blocks=batch_size * -(-max_seq_len // config.block_size),
+        window=windows.pop() if len(windows) == 1 else None)
     return caches
 
 
