@@ -203,7 +203,11 @@ def resolve(path_or_id: str | Path) -> Path:
     except ImportError:
         raise FileNotFoundError(f"{path_or_id!r} is not a folder, and huggingface_hub is not "
                                 f"installed to download it") from None
-    return Path(snapshot_download(str(path_or_id), allow_patterns=HUB_FILES))
+    try:
+        return Path(snapshot_download(str(path_or_id), allow_patterns=HUB_FILES))
+    except Exception as err:  # offline, unknown repo, gated model, ...
+        raise FileNotFoundError(f"{path_or_id!r} is not a folder, and downloading it from the "
+                                f"hub failed: {type(err).__name__}: {err}") from err
 
 
 def load_config(path_or_id: str | Path) -> ModelConfig:
@@ -227,6 +231,8 @@ def load_pretrained(path_or_id: str | Path, *, dtype: torch.dtype = torch.float3
     """
     from safetensors import safe_open
 
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     folder = resolve(path_or_id)
     cfg = _read_config(folder, name=Path(path_or_id).name)
     files = check_checkpoint(folder, cfg)

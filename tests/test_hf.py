@@ -302,6 +302,22 @@ def test_hub_id_downloads_safetensors_and_config_only(folder, monkeypatch):
     assert model.config.num_kv_heads == 1
 
 
+def test_a_failed_download_says_so(monkeypatch):
+    hub = pytest.importorskip("huggingface_hub")
+
+    def offline(repo_id, allow_patterns):
+        raise OSError("no network")
+
+    monkeypatch.setattr(hub, "snapshot_download", offline)
+    with pytest.raises(FileNotFoundError, match="downloading it from the hub failed: OSError"):
+        kvhf.load_pretrained("someone/tiny-llama")
+
+
+def test_dtype_must_be_floating(folder):
+    with pytest.raises(ValueError, match="floating torch.dtype"):
+        kvhf.load_pretrained(folder, dtype=torch.int8)
+
+
 def test_failed_load_leaves_the_folder_untouched(folder):
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
     edit_config(folder, intermediate_size=48)
