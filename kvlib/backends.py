@@ -11,8 +11,10 @@ registered by name in `BACKENDS`, so a chapter switches the model's attention in
     sdpa        torch's scaled_dot_product_attention on dense tensors
     fast        the fastest path for the view kind on this device: paged decode reads the
                 blocks in place (`cache.paged_decode`); anything else falls back to sdpa
+    chunked     `flash.chunked`: online softmax over tiles of keys (prefill) and split-KV
+                decoding, in plain torch; dense or paged views, read in place
 
-Other modules add theirs with `register` (the chunked flash-style path, the Triton kernels).
+Other modules add theirs with `register` (the Triton kernels).
 Legend: N packed tokens, B sequences, T new tokens per sequence, H query heads, Hkv KV
 heads, D head dim, S keys.
 """
@@ -25,11 +27,15 @@ from functools import partial
 import torch
 from torch.nn import functional as F
 
+from kvlib import flash
 from kvlib.attention import attention, attention_mask
 from kvlib.cache.contract import DenseKV, KVView, PagedKV, StepBatch
 
 Backend = Callable[[torch.Tensor, KVView, StepBatch], torch.Tensor]
 BACKENDS: dict[str, Backend] = {}
+# Backends that honour a view's sliding `window` and a ring's `key_start`; any other is
+# refused such a view rather than let attend to keys the layer must not see.
+WINDOWED_BACKENDS = {"reference", "sdpa", "fast"}
 
 
 def register(name: str, fn: Backend) -> Backend:
@@ -45,6 +51,10 @@ def attend(q: torch.Tensor, kv: KVView, batch: StepBatch, backend: str = "refere
         raise ValueError(f"unknown attention backend {backend!r}; known: {sorted(BACKENDS)}")
     if q.dim() != 3 or q.shape[0] != batch.num_tokens:
         raise ValueError(f"q must be (N={batch.num_tokens}, H, D), got {tuple(q.shape)}")
+    windowed = kv.window is not None or getattr(kv, "key_start", None) is not None
+    if windowed and backend not in WINDOWED_BACKENDS:
+        raise ValueError(f"backend {backend!r} does not implement sliding windows (this "
+                         f"layer's window: {kv.window}); use one of {sorted(WINDOWED_BACKENDS)}")
     return BACKENDS[backend](q, kv, batch)
 
 
@@ -108,3 +118,4 @@ def fast(q: torch.Tensor, kv: KVView, batch: StepBatch) -> torch.Tensor:
 register("reference", reference)
 register("sdpa", sdpa)
 register("fast", fast)
+register("chunked", flash.chunked)

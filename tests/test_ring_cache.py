@@ -224,3 +224,10 @@ def test_window_must_be_positive():
                       max_seq_len=8, block_size=4)
     with pytest.raises(ValueError, match="window must be an int >= 1"):
         PagedKVCache(cfg, num_blocks=2, window=0)
+
+
+def test_a_backend_without_windows_refuses_a_windowed_layer():
+    model = windowed_model(window=4)
+    model.attention = "chunked"  # kvlib.flash: no sliding windows
+    with pytest.raises(ValueError, match="'chunked' does not implement sliding windows"):
+        model(tokens(8))
