@@ -102,6 +102,10 @@ def config_from_hf(hf: dict[str, Any], name: str = "hf") -> ModelConfig:
     model_type = _architecture(hf)
     if hf.get("hidden_act", "silu") != "silu":
         raise ValueError(f"unsupported hidden_act {hf['hidden_act']!r}: kvlib's MLP is SwiGLU")
+    if hf.get("quantization_config"):
+        method = hf["quantization_config"].get("quant_method", "?")
+        raise ValueError(f"unsupported quantized checkpoint ({method}): kvlib loads float "
+                         f"weights only")
     if hf.get("mlp_bias"):
         raise ValueError("unsupported mlp_bias=True: kvlib's MLP has no biases")
     if model_type == "llama" and hf.get("attention_bias"):

@@ -249,7 +249,9 @@ def test_pickle_only_folder_is_refused(tmp_path):
      "RoPE scaling 'llama3'"),
     ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
     ({"attention_bias": True}, "attention_bias"),
-], ids=["gemma2", "gpt2", "classifier", "rope-llama3", "gelu", "llama-o-bias"])
+    ({"quantization_config": {"quant_method": "gptq", "bits": 4}},
+     r"quantized checkpoint \(gptq\)"),
+], ids=["gemma2", "gpt2", "classifier", "rope-llama3", "gelu", "llama-o-bias", "gptq"])
 def test_unsupported_configs_are_refused_by_name(folder, no_tensor_reads, changes, message):
     edit_config(folder, **changes)
     with pytest.raises(ValueError, match=message):
