@@ -231,3 +231,22 @@ def test_a_backend_without_windows_refuses_a_windowed_layer():
     model.attention = "chunked"  # kvlib.flash: no sliding windows
     with pytest.raises(ValueError, match="'chunked' does not implement sliding windows"):
         model(tokens(8))
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "fast"])
+def test_ring_views_on_every_windowed_backend(backend):
+    """key_start and the window reach each backend's mask, uniform and ragged batches alike."""
+    model = windowed_model(window=5, seed=6)
+    ring = RingKVCache.for_model(model.config, max_batch_size=2, max_seq_len=64,
+                                 max_query_len=3)
+    flat = model.new_cache(2, 64)
+    gen = torch.Generator().manual_seed(0)
+    for lens in ([3, 3], [1, 3], [2, 1], [1, 1], [3, 2], [1, 1]):
+        ids = torch.randint(0, 64, (sum(lens),), generator=gen)
+        want = model.packed_hidden_states(ids, lens, flat, [0, 1])  # reference backend
+        model.attention = backend
+        try:
+            got = model.packed_hidden_states(ids, lens, ring, [0, 1])
+        finally:
+            model.attention = "reference"
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
