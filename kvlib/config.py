@@ -51,6 +51,16 @@ class ModelConfig:
     `head_dim` defaults to `d_model // num_heads`; it may differ (some models decouple them).
     `num_kv_heads` below `num_heads` is grouped-query attention (one KV head per group of
     `queries_per_kv` query heads); `num_kv_heads == 1` is multi-query attention.
+
+    Switches some real families need: `qkv_bias` puts biases on the q, k and v projections
+    (Qwen2; o has none). `sliding_window` W makes a layer attend to its last W keys only (the
+    query's own included), on the layers in `sliding_layers`, or on every layer when that is
+    None (Mistral-7B v0.1); Gemma-2 alternates, windowed layers 0, 2, 4, ...
+
+    >>> cfg = ModelConfig(vocab_size=10, d_model=8, num_layers=4, num_heads=2, num_kv_heads=1,
+    ...                   sliding_window=16, sliding_layers=(0, 2))
+    >>> cfg.layer_windows
+    (16, None, 16, None)
     """
 
     vocab_size: int
