@@ -296,7 +296,9 @@ class TransformerLM(nn.Module):
             # NOTE: the sequences were empty before; emptying them again undoes a partial run
             # (e.g. a cache too small for the whole generation), so no half-written cache stays.
             if cache is not None:
-                cache.release(seq_ids)
+                held = [s for s, n in zip(seq_ids, cache.lengths(seq_ids).tolist()) if n]
+                if held:  # a paged cache refuses to release what it never admitted
+                    cache.release(held)
             raise
 
     def _generate(self, prompt: torch.Tensor, max_new_tokens: int, cache: KVCache | None,
