@@ -180,6 +180,8 @@ class Scheduler:
     def _admit_chunk(self, seq: Sequence, budget: int, plan: ScheduledStep) -> int:
         """Give `seq` its cached prefix and room for its first chunk; 0 (and no change) if the
         free blocks cannot hold that chunk."""
+        # NOTE: reuse_prefix always leaves at least the last token to compute, even when every
+        # block is cached: that token's logits choose the next new token.
         cached = self.cache.reuse_prefix(seq.seq_id, seq.token_ids)
         seq.num_computed_tokens = cached
         n = min(seq.num_pending_tokens, budget)
