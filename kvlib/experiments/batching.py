@@ -212,9 +212,16 @@ class ScheduleTimes:
 def time_schedules(model: TransformerLM, requests: RequestSet, *, batch_size: int,
                    num_blocks: int, block_size: int = 16,
                    max_num_batched_tokens: int = 256) -> ScheduleTimes:
-    """Run the set once through each schedule (all requests arriving at once), timed."""
+    """Run the set once through each schedule (all requests arriving at once), timed, after
+    an untimed warm-up of both on two short requests."""
     from kvlib.static_batching import static_generate
 
+    # Warm up both paths (kernel compilation or loading, first-call allocations) untimed.
+    warm = RequestSet(requests.prompts[:2], [2, 2])
+    static_generate(model, warm.prompts, max_new_tokens=warm.max_new_tokens,
+                    batch_size=batch_size, block_size=block_size, show_progress=False)
+    BatchedInferenceEngine(model, num_blocks, block_size, max_num_batched_tokens).generate(
+        warm.prompts, max_new_tokens=warm.max_new_tokens, show_progress=False)
     static = static_generate(model, requests.prompts, max_new_tokens=requests.max_new_tokens,
                              batch_size=batch_size, block_size=block_size, show_progress=False)
     engine = BatchedInferenceEngine(model, num_blocks, block_size, max_num_batched_tokens)
