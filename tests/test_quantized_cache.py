@@ -10,6 +10,7 @@ import torch
 from kvlib.cache import KVCache
 from kvlib.cache.contract import append
 from kvlib.cache.flat import FlatKVCache
+from kvlib.cache.paged import PagedKVCache
 from kvlib.cache.quant_memory import PRESETS, KVQuantConfig, memory
 from kvlib.cache.quantize import QuantScheme, compute_params, decode, encode, fake_quantize
 from kvlib.cache.quantized import QuantizedKVCache
@@ -36,10 +37,14 @@ QUANTS["head-int8-tensor-int4-asym"] = KVQuantConfig(
 STEPS = (5, 1, 3, 1, 1, 9, 1, 2)  # prefill, decode steps, chunks: groups complete mid-step
 
 
-def make(quant, batch=3, max_seq_len=40):
-    config = CacheConfig(num_layers=LAYERS, num_kv_heads=HKV, head_dim=D,
+INNERS = {"flat": FlatKVCache, "paged": lambda config: PagedKVCache(config, num_blocks=24)}
+
+
+def make(quant, batch=3, max_seq_len=40, inner="flat"):
+    block_size = max(8, quant.token_group)  # a group of tokens must fit in a block
+    config = CacheConfig(num_layers=LAYERS, num_kv_heads=HKV, head_dim=D, block_size=block_size,
                          max_batch_size=batch, max_seq_len=max_seq_len)
-    return QuantizedKVCache(config, quant)
+    return QuantizedKVCache(config, quant, INNERS[inner])
 
 
 def expected(x, scheme, quant, calib):
@@ -92,10 +97,11 @@ def test_implements_the_contract():
     assert isinstance(make(PRESETS["int8-token"]), KVCache)
 
 
+@pytest.mark.parametrize("inner", list(INNERS))
 @pytest.mark.parametrize("name", list(QUANTS))
-def test_read_is_the_round_trip_with_an_exact_tail(name):
+def test_read_is_the_round_trip_with_an_exact_tail(name, inner):
     quant = QUANTS[name]
-    cache = make(quant)
+    cache = make(quant, inner=inner)
     k, v = fill(cache)
     first = STEPS[0]
     for layer in range(LAYERS):
@@ -107,9 +113,10 @@ def test_read_is_the_round_trip_with_an_exact_tail(name):
                 torch.testing.assert_close(got[b], want, atol=1e-6, rtol=1e-6)
 
 
-def test_abort_and_a_failed_write_change_nothing():
+@pytest.mark.parametrize("inner", list(INNERS))
+def test_abort_and_a_failed_write_change_nothing(inner):
     quant = QUANTS["channel-g4-int8-token-g5"]
-    cache, twin = make(quant), make(quant)
+    cache, twin = make(quant, inner=inner), make(quant, inner=inner)
     fill(cache)
     fill(twin)
     batch = cache.begin([0, 1], [3, 2])
@@ -141,15 +148,18 @@ def test_static_scale_calibration_is_undone_by_abort():
     assert torch.equal(read_all(cache, [1], 0)[0], read_all(twin, [1], 0)[0])
 
 
-def test_fork_copies_and_release_forgets():
-    cache = make(QUANTS["kivi-int4"], batch=4)
+@pytest.mark.parametrize("inner", list(INNERS))
+def test_fork_copies_and_release_forgets(inner):
+    quant = QUANTS["channel-g4-int8-token-g5"]
+    cache = make(quant, batch=4, inner=inner)
     fill(cache)
     cache.fork(1, 3)
     a, b = read_all(cache, [1, 3], 0)[0]
     assert torch.equal(a, b)
-    more = torch.randn(2, LAYERS, 1, HKV, 6, D)
-    append(cache, [3], *more)
+    before = read_all(cache, [1], 0)[0]
+    append(cache, [3], *torch.randn(2, LAYERS, 1, HKV, 6, D) * 50)  # completes a group
     assert cache.lengths([1, 3]).tolist() == [sum(STEPS), sum(STEPS) + 6]
+    assert torch.equal(read_all(cache, [1], 0)[0], before)  # the source is untouched
     cache.release([3])
     assert cache.lengths([3]).tolist() == [0]
     assert 3 not in cache._tails
@@ -168,8 +178,17 @@ def test_bad_configurations_are_refused():
         QuantScheme("int4", "token", group_size=0)
 
 
-def test_no_room_raises_and_writes_nothing():
-    cache = make(PRESETS["int8-token"], max_seq_len=8)
+def test_paged_blocks_must_hold_whole_token_groups():
+    config = CacheConfig(num_layers=1, num_kv_heads=1, head_dim=4, max_batch_size=1,
+                         max_seq_len=64, block_size=8)
+    quant = KVQuantConfig(QuantScheme("int4", "channel", 16), QuantScheme())
+    with pytest.raises(ValueError, match="block_size"):
+        QuantizedKVCache(config, quant, INNERS["paged"])
+
+
+@pytest.mark.parametrize("inner", list(INNERS))
+def test_no_room_raises_and_writes_nothing(inner):
+    cache = make(PRESETS["int8-token"], max_seq_len=8, inner=inner)
     append(cache, [0], *torch.randn(2, LAYERS, 1, HKV, 6, D))
     before = read_all(cache, [0], 0)
     with pytest.raises(ValueError, match="no room"):

@@ -127,11 +127,12 @@ class QuantizedKVCache:
         xs, slots = ([], []), []
         for b, s in enumerate(batch.seq_ids):
             start, lo = starts[b], starts[b] - starts[b] % self.group
-            first_slot = batch.slot_mapping[cu[b]]
-            # NOTE: positions lo..start-1 lie in start's block (block_size % G == 0), which
-            # `begin` made private, so rewriting them cannot touch a forked sibling.
-            slots.append(first_slot + torch.arange(lo - start, cu[b + 1] - cu[b],
-                                                   device=first_slot.device))
+            new_slots = batch.slot_mapping[cu[b]:cu[b + 1]]  # (T_b,)
+            # NOTE: positions lo..start-1 lie in start's block (block_size % G == 0), just
+            # before it, and `begin` made that block private: rewriting them cannot touch a
+            # forked sibling.
+            back = torch.arange(lo - start, 0, device=new_slots.device)  # (start - lo,)
+            slots.append(torch.cat([new_slots[0] + back, new_slots]))
             for kind, new in enumerate((k, v)):
                 old = self._tail_rows(s, layer, kind, lo, start)  # (start - lo, Hkv, D)
                 xs[kind].append(torch.cat([old, new[cu[b]:cu[b + 1]]]))  # (n_b, Hkv, D)
