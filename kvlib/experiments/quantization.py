@@ -123,21 +123,42 @@ def next_token_agreement(model: TransformerLM, quant: KVQuantConfig,
                      tuple(margins.tolist()))
 
 
+def _decode_step_over(quant: KVQuantConfig | None, k: torch.Tensor, v: torch.Tensor):
+    """A one-layer cache holding k, v (Hkv, S, D) but the last token, and an open step that
+    has written the last: (cache, batch). `quant=None`: a flat cache."""
+    Hkv, S, D = k.shape
+    config = CacheConfig(num_layers=1, num_kv_heads=Hkv, head_dim=D, max_batch_size=1,
+                         max_seq_len=max(S, getattr(quant, "window", 0)))
+    cache = FlatKVCache(config) if quant is None else QuantizedKVCache(config, quant)
+    if S > 1:
+        append(cache, [0], k[None, None, :, :-1], v[None, None, :, :-1])  # (L, B, Hkv, S-1, D)
+    batch = cache.begin([0], [1])
+    cache.write(0, batch, k[:, -1][None], v[:, -1][None])  # (N=1, Hkv, D)
+    return cache, batch
+
+
+@torch.no_grad()
+def cache_attention_error(quant: KVQuantConfig, k: torch.Tensor, v: torch.Tensor,
+                          q: torch.Tensor) -> float:
+    """Relative error of a decode step's attention output read through a quantized cache
+    (window and all) against exact K and V. k, v (Hkv, S, D); q (H, D), H a multiple of Hkv."""
+    outs = []
+    for which in (None, quant):
+        cache, batch = _decode_step_over(which, k, v)
+        outs.append(attend(q[None], cache.read(0, batch), batch, "sdpa"))  # (1, H, D)
+        cache.abort(batch)
+    return relative_error(outs[1], outs[0])
+
+
 @torch.no_grad()
 def time_quantized_attention(quant: KVQuantConfig | None, context_len: int, *,
                              num_kv_heads: int = 8, head_dim: int = 128, num_heads: int = 32,
                              warmup: int = 2, repeats: int = 7, seed: int = 0) -> Timing:
     """One layer's decode step over `context_len` cached tokens: read the layer from the
     cache (dequantizing, for a quantized one) and attend. `quant=None` times a flat cache."""
-    config = CacheConfig(num_layers=1, num_kv_heads=num_kv_heads, head_dim=head_dim,
-                         max_batch_size=1, max_seq_len=context_len + 1)
-    cache = FlatKVCache(config) if quant is None else QuantizedKVCache(config, quant)
     gen = torch.Generator().manual_seed(seed)
-    kv = torch.randn(2, 1, 1, num_kv_heads, context_len, head_dim, generator=gen)
-    append(cache, [0], kv[0], kv[1])  # (L, B, Hkv, S, D) each
-    batch = cache.begin([0], [1])
-    new = torch.randn(2, 1, num_kv_heads, head_dim, generator=gen)  # (N, Hkv, D)
-    cache.write(0, batch, new[0], new[1])
+    k, v = torch.randn(2, num_kv_heads, context_len, head_dim, generator=gen)
+    cache, batch = _decode_step_over(quant, k, v)
     q = torch.randn(1, num_heads, head_dim, generator=gen)  # (N, H, D)
     try:
         return measure(lambda: attend(q, cache.read(0, batch), batch, "sdpa"),
