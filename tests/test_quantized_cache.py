@@ -32,6 +32,9 @@ QUANTS = {name: KVQuantConfig(q.keys, q.values, min(q.window, 5), name)
           for name, q in PRESETS.items()}
 QUANTS["channel-g4-int8-token-g5"] = KVQuantConfig(
     QuantScheme("int4", "channel", 4, symmetric=False), QuantScheme("int8", "token", 5), 0)
+QUANTS["kivi-style-g4-window-6"] = KVQuantConfig(  # groups complete inside and past the window
+    QuantScheme("int4", "channel", 4, symmetric=False),
+    QuantScheme("int4", "token", 8, symmetric=False), 6)
 QUANTS["head-int8-tensor-int4-asym"] = KVQuantConfig(
     QuantScheme("int8", "head"), QuantScheme("int4", "tensor", symmetric=False), 3)
 STEPS = (5, 1, 3, 1, 1, 9, 1, 2)  # prefill, decode steps, chunks: groups complete mid-step
