@@ -2,7 +2,7 @@
 
 One concept per module: `config` (shapes), `checks` (input validation), `attention`
 (reference attention), `backends` (how attention runs: reference, SDPA, fast paths), `cache`
-(the cache contract; flat and paged caches, the block allocator), `kernels` (fast paths
+(the cache contract; flat, paged and quantized caches, the block allocator), `kernels` (fast paths
 beside their references), `model` (a Llama-style decoder), `sampling`,
 `analysis` (memory, FLOP and roofline formulas, real model presets), `bench` (timing),
 `experiments` (the measurements chapters share), `viz` and `widgets` (for the chapters).

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from kvlib.cache import KVCache
 from kvlib.cache.contract import append
@@ -114,6 +116,19 @@ def test_read_is_the_round_trip_with_an_exact_tail(name, inner):
                 calib = x[layer, :, :, :first].transpose(0, 1).reshape(HKV, -1, D)
                 want = expected(x[layer, b], scheme, quant, calib)
                 torch.testing.assert_close(got[b], want, atol=1e-6, rtol=1e-6)
+
+
+@given(st.lists(st.integers(1, 7), min_size=1, max_size=8), st.sampled_from(list(INNERS)))
+def test_any_sequence_of_step_sizes_reads_back_the_reference(steps, inner):
+    quant = QUANTS["kivi-style-g4-window-6"]
+    cache = make(quant, max_seq_len=64, inner=inner)
+    k, v = fill(cache, steps, seed=len(steps))
+    got_k, got_v = read_all(cache, [0, 1, 2], 1)
+    for b in range(3):
+        torch.testing.assert_close(got_k[b], expected(k[1, b], quant.keys, quant, None),
+                                   atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(got_v[b], expected(v[1, b], quant.values, quant, None),
+                                   atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("inner", list(INNERS))

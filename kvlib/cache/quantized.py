@@ -103,6 +103,7 @@ class QuantizedKVCache:
 
     def begin(self, seq_ids: Sequence[int], query_lens: Sequence[int],
               token_ids: torch.Tensor | None = None) -> StepBatch:
+        seq_ids = list(seq_ids)
         batch = self.inner.begin(seq_ids, query_lens, token_ids)  # raises, changing nothing
         cfg = self.config
         saved = {s: (self._tails[s].clone() if s in self._tails else None) for s in seq_ids}
