@@ -260,3 +260,27 @@ def test_int8_per_token_agrees_on_top1_for_256_steps():
     agreement = next_token_agreement(model, PRESETS["int8-token"], reference_run(model, 256))
     assert agreement.top1 >= 0.99, agreement.top1
     assert agreement.kl < 1e-4
+
+
+@pytest.mark.parametrize("inner", list(INNERS))
+def test_read_before_write_and_a_second_write_of_a_layer(inner):
+    # Found by the shared contract suite: a step whose new tokens complete a group of tokens
+    # must still read the committed tokens before it writes, and writing a layer twice in
+    # one step must store the same thing.
+    quant = QUANTS["channel-g4-int8-token-g5"]  # no window: the group leaves the tail
+    cache, twin = make(quant, inner=inner), make(quant, inner=inner)
+    k, v = fill(cache, (3,))
+    fill(twin, (3,))
+    batch = cache.begin([0, 1, 2], [2, 2, 2])  # positions 3, 4: completes the group 0..3
+    kv = cache.read(0, batch)
+    torch.testing.assert_close(kv.k[:, :, :3], k[0, :, :, :3])  # the tail, exactly
+    new_k, new_v = torch.randn(2, 6, HKV, D)
+    for _ in range(2):
+        for layer in range(LAYERS):
+            cache.write(layer, batch, new_k, new_v)
+    cache.commit(batch)
+    append(twin, [0, 1, 2], *torch.stack([new_k, new_v]).view(2, 1, 3, 2, HKV, D)
+           .transpose(3, 4).expand(2, LAYERS, 3, HKV, 2, D))
+    for layer in range(LAYERS):
+        for a, b in zip(read_all(cache, [0, 1, 2], layer), read_all(twin, [0, 1, 2], layer)):
+            assert torch.equal(a, b)

@@ -60,6 +60,7 @@ class _Open:
     step: int
     tails: dict[int, torch.Tensor | None]  # seq_id -> its tail before the step (None: new)
     calibrated: list[tuple[int, int]]  # (layer, 0 for K / 1 for V) calibrated in this step
+    written: set[int]  # layers written in this step
 
 
 class QuantizedKVCache:
@@ -111,7 +112,7 @@ class QuantizedKVCache:
             if s not in self._tails and self.tail_len:
                 self._tails[s] = torch.zeros(cfg.num_layers, 2, cfg.num_kv_heads, self.tail_len,
                                              cfg.head_dim, dtype=cfg.dtype, device=cfg.device)
-        self._open = _Open(batch.step, saved, [])
+        self._open = _Open(batch.step, saved, [], set())
         return batch
 
     def write(self, layer: int, batch: StepBatch, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -134,8 +135,11 @@ class QuantizedKVCache:
             # forked sibling.
             back = torch.arange(lo - start, 0, device=new_slots.device)  # (start - lo,)
             slots.append(torch.cat([new_slots[0] + back, new_slots]))
+            # NOTE: old positions come from the tail as `begin` saved it, so writing a layer
+            # twice in one step writes the same rows again.
+            before = self._open.tails[s]
             for kind, new in enumerate((k, v)):
-                old = self._tail_rows(s, layer, kind, lo, start)  # (start - lo, Hkv, D)
+                old = self._tail_rows(before, layer, kind, lo, start)  # (start - lo, Hkv, D)
                 xs[kind].append(torch.cat([old, new[cu[b]:cu[b + 1]]]))  # (n_b, Hkv, D)
         rows = [self._encode_rows(layer, kind, xs[kind], batch) for kind in (0, 1)]
         slot_mapping = torch.cat(slots)  # (N',)
@@ -144,18 +148,24 @@ class QuantizedKVCache:
         self.inner.write(layer, wide, rows[0].view(BYTE), rows[1].view(BYTE))  # (N', Hkv, W)
         for b, s in enumerate(batch.seq_ids):
             self._to_tail(s, layer, k[cu[b]:cu[b + 1]], v[cu[b]:cu[b + 1]], starts[b])
+        self._open.written.add(layer)
 
     def read(self, layer: int, batch: StepBatch) -> DenseKV:
         self._check_open(batch)
         rows = self.inner.read(layer, batch).dense()  # (B, Hkv, S, W) bytes
-        lens = batch.context_lens.tolist()
+        # NOTE: before this layer writes the step, only the committed tokens are stored (a
+        # group the new tokens would complete has no rows yet): read those, the rest is
+        # unwritten, as in any cache.
+        lens = batch.context_lens if layer in self._open.written else (
+            batch.context_lens - batch.query_lens)
+        lens = lens.tolist()
         out = []
         for kind, data in enumerate((rows.k, rows.v)):
             x = self._decode_rows(layer, kind, data.view(torch.uint8))  # (B, Hkv, S, D)
             for b, s in enumerate(batch.seq_ids):  # the recent tokens, in full precision
                 lo = self.quant.first_tail_position(lens[b])
                 if lo < lens[b]:
-                    x[b, :, lo:lens[b]] = self._tail_rows(s, layer, kind, lo,
+                    x[b, :, lo:lens[b]] = self._tail_rows(self._tails[s], layer, kind, lo,
                                                           lens[b]).transpose(0, 1)
             out.append(x)
         return DenseKV(out[0], out[1], batch.context_lens.to(self.config.device))
@@ -259,14 +269,17 @@ class QuantizedKVCache:
         return x.flatten(2, 3)[:, :, :S]  # (B, Hkv, S, D)
 
     # -- the full-precision tail -------------------------------------------------------------
-    def _tail_rows(self, seq_id: int, layer: int, kind: int, lo: int, hi: int) -> torch.Tensor:
-        """Positions lo..hi-1 from the tail (a ring indexed by position % C): (hi-lo, Hkv, D)."""
+    def _tail_rows(self, tail: torch.Tensor | None, layer: int, kind: int, lo: int,
+                   hi: int) -> torch.Tensor:
+        """Positions lo..hi-1 of a tail (L, 2, Hkv, C, D), a ring indexed by position % C:
+        (hi - lo, Hkv, D)."""
         if hi <= lo:
             return torch.zeros(0, self.config.num_kv_heads, self.config.head_dim,
                                dtype=self.config.dtype, device=self.config.device)
         assert hi - lo <= self.tail_len, "the tail holds only the last C positions"
         index = torch.arange(lo, hi, device=self.config.device) % self.tail_len
-        return self._tails[seq_id][layer, kind][:, index].transpose(0, 1)
+        assert tail is not None, "a sequence with committed tokens has a tail"
+        return tail[layer, kind][:, index].transpose(0, 1)
 
     def _to_tail(self, seq_id: int, layer: int, k: torch.Tensor, v: torch.Tensor,
                  start: int) -> None:
