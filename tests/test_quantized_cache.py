@@ -158,6 +158,7 @@ def test_static_scale_calibration_is_undone_by_abort():
     quant = QUANTS["head-int8-tensor-int4-asym"]
     cache, twin = make(quant), make(quant)
     batch = cache.begin([0], [4])
+    assert cache.read(1, batch).k.shape == (1, HKV, 4, D)  # nothing calibrated: no error
     for layer in range(LAYERS):
         cache.write(layer, batch, torch.randn(4, HKV, D) * 1000, torch.randn(4, HKV, D) * 1000)
     cache.abort(batch)

@@ -249,6 +249,8 @@ class QuantizedKVCache:
         payload = data[..., :lay.payload]
         codes = unpack_int4(payload, D) if scheme.bits == 4 else payload  # (B, Hkv, S, D)
         if scheme.granularity in ("tensor", "head"):
+            if (layer, kind) not in self._static:  # nothing written to this layer yet
+                return torch.zeros(codes.shape, dtype=dtype, device=codes.device)
             scale, zero = self._static[(layer, kind)]
             return decode(codes, scale, zero, scheme, dtype)
         params = [data[..., a:b].contiguous().view(scheme.scale_dtype)
