@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from kvlib.bench import device_name
-from kvlib.experiments.gpu import ROWS, copy_bandwidth, measure_row
+from kvlib.experiments.gpu import ROWS, copy_bandwidth, time_decode_row
 
 TILE_NS = (32, 64, 128)  # the kernel's tile sizes tried per row
 
@@ -70,7 +70,7 @@ def main() -> None:
     print(header + "\n" + "-" * len(header))
     results = []
     for B, S in rows:
-        row = measure_row(B, S, tile_ns=tile_ns, device=device, **shape)
+        row = time_decode_row(B, S, tile_ns=tile_ns, device=device, **shape)
         for name in ("paged", "sdpa", "gather", "int8"):
             row[f"{name}_TBps"] = round(row["kv_GB"] / 1e3 / (row[f"{name}_ms"] * 1e-3), 3)
             row[f"{name}_pct_copy"] = round(100 * row[f"{name}_TBps"] / copy, 1)

@@ -18,11 +18,20 @@ Legend: B sequences, S tokens each, H query heads, Hkv KV heads, D head dim, BS 
 
 from __future__ import annotations
 
+import ast
+import inspect
+import json
+import os
+import subprocess
+import sys
+import textwrap
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch.nn import functional as F
 
+from kvlib.analysis import Hardware
 from kvlib.bench import measure
 from kvlib.cache.contract import PagedKV
 from kvlib.kernels.paged_decode import paged_decode_attention
@@ -31,6 +40,30 @@ from kvlib.kernels.paged_decode_int8 import paged_decode_attention_int8, quantiz
 
 # The issue's shapes: (batch, tokens) per row, and the attention shape of Llama-3-8B.
 ROWS = ((1, 32768), (8, 4096), (32, 4096), (64, 4096), (32, 16384), (128, 1024))
+
+# Datasheet peaks (dense bf16, memory bandwidth) beside kvlib.analysis.GPUS.
+H200 = Hardware("NVIDIA H200", 989e12, 4.8e12)
+
+# Measured on an H200 on 2026-11-26 by the author of the GPU issue (not by kvlib's scripts):
+# TB/s of bf16 K and V read per decode step, 32/8 heads of 128.
+ISSUE_H200 = {"copy": (4.27, 4.27), "sdpa, 0.13 GB of KV": (2.7, 2.7),
+              "sdpa, 0.5-2.1 GB": (3.9, 4.4), "gather + sdpa": (1.1, 1.3)}
+
+
+def decode_attention_intensity(num_heads: int, num_kv_heads: int, bytes_per_element: float,
+                               ) -> float:
+    """FLOP per byte of decode attention: 2 * (H / Hkv) / bytes per element.
+
+    Per cached token and KV head, a step reads a key row and a value row (2 D elements) and
+    spends 2 D FLOPs on q.k and 2 D on p v for each of the G = H / Hkv query heads sharing
+    them: 4 D G / (2 D b) = 2 G / b.
+
+    >>> decode_attention_intensity(32, 8, 2)   # Llama-3-8B in bf16
+    4.0
+    >>> decode_attention_intensity(32, 8, 1)   # ... with INT8 keys and values
+    8.0
+    """
+    return 2 * (num_heads / num_kv_heads) / bytes_per_element
 
 
 @dataclass(frozen=True)
@@ -128,7 +161,8 @@ def copy_bandwidth(device: str = "cuda", gigabytes: float = 1.0) -> float:
     return 2 * src.numel() * 4 / (ms * 1e-3) / 1e12
 
 
-def measure_row(B: int, S: int, *, tile_ns=(None,), device: str = "cuda", **shape) -> dict:
+def time_decode_row(B: int, S: int, *, tile_ns=(None,), device: str = "cuda", **shape,
+                    ) -> dict:
     """One row of the benchmark: errors, median ms per path, and the data size.
 
     With several `tile_ns`, the paged and int8 kernels keep their best tile (and say which).
@@ -148,3 +182,60 @@ def measure_row(B: int, S: int, *, tile_ns=(None,), device: str = "cuda", **shap
                     row[f"{name}_tile_n"] = tile_n
     del case
     return row
+
+
+def kernel_source(name: str = "_split_kernel") -> str:
+    """The source of one of `kvlib.kernels.paged_decode`'s kernels, read from the module's
+    file (so it is shown even where Triton is not installed)."""
+    from kvlib.kernels import paged_decode
+
+    source = inspect.getsource(paged_decode)
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.FunctionDef) and node.name == name:
+            lines = source.splitlines()[node.lineno - 1:node.end_lineno]
+            return textwrap.dedent("\n".join(lines))
+    raise ValueError(f"no function {name!r} in {paged_decode.__file__}")
+
+
+_INTERPRETER_CHECK = """
+import json, torch
+from kvlib.kernels.paged_decode import paged_decode_attention
+from kvlib.kernels.paged_decode_cpu import paged_decode_attention_ref
+gen = torch.Generator().manual_seed(0)
+B, H, Hkv, D, BS, M = 3, 8, 2, 32, 16, 4
+lens = torch.tensor([5, 33, 64], dtype=torch.int32)  # partial and full last blocks
+tables = torch.randperm(B * M, generator=gen).view(B, M).to(torch.int32)
+errors = {}
+for dtype in (torch.float32, torch.float16, torch.bfloat16):
+    q = torch.randn(B, H, D, generator=gen).to(dtype)
+    k, v = torch.randn(2, B * M, Hkv, BS, D, generator=gen).to(dtype)
+    ref = paged_decode_attention_ref(q.float(), k.float(), v.float(), tables, lens)
+    out = paged_decode_attention(q, k, v, tables, lens, tile_n=16)
+    errors[str(dtype).split(".")[1]] = float((out.float() - ref).abs().max())
+print(json.dumps(errors))
+"""
+
+
+def interpreter_check() -> dict[str, float] | str:
+    """Run the paged decode kernel under TRITON_INTERPRET=1 in a child process on tiny
+    shapes (3 sequences, 8/2 heads of 32, blocks of 16) in fp32, fp16 and bf16; return the
+    largest error against the reference per dtype, or a sentence saying why it could not run.
+    """
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "Triton is not installed here (pip install triton), so the check cannot run."
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "TRITON_INTERPRET": "1",
+           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run([sys.executable, "-c", _INTERPRETER_CHECK], env=env,
+                         capture_output=True, text=True, timeout=300)
+    if run.returncode != 0:
+        return f"the interpreter run failed: {run.stderr.strip().splitlines()[-1]}"
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def recorded_results(folder: str | Path | None = None) -> list[dict]:
+    """Every `bench/results/gpu_decode_*.json` recorded so far (none on a pip install)."""
+    folder = Path(folder) if folder else Path(__file__).resolve().parents[2] / "bench/results"
+    return [json.loads(p.read_text()) for p in sorted(folder.glob("gpu_decode_*.json"))]
