@@ -46,7 +46,7 @@ def main() -> None:
         print(f"{name:>17} {value:.2f}")
     print(json.dumps({
         **{k: round(v, 3) for k, v in ratios.items()},
-        **{f"{name}_ms": round(getattr(t, name).median_ms, 3)
+        **{f"{name}_ms": float(f"{getattr(t, name).median_ms:.4g}")
            for name in ("paged", "gather", "flat", "sdpa")},
         "batch": args.batch, "context": args.context, "device": device_name("cpu"),
     }))

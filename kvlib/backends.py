@@ -13,8 +13,10 @@ registered by name in `BACKENDS`, so a chapter switches the model's attention in
                 interpreter); anything else falls back to sdpa
     fast        the fastest path for the view kind on this device: paged decode reads the
                 blocks in place (Triton on a GPU, numba on the CPU); anything else: sdpa
+    chunked     `flash.chunked`: online softmax over tiles of keys (prefill) and split-KV
+                decoding, in plain torch; dense or paged views, read in place
 
-Other modules add theirs with `register` (the chunked flash-style path, the Triton kernels).
+Other modules add theirs with `register`.
 Legend: N packed tokens, B sequences, T new tokens per sequence, H query heads, Hkv KV
 heads, D head dim, S keys.
 """
@@ -26,6 +28,7 @@ from collections.abc import Callable
 import torch
 from torch.nn import functional as F
 
+from kvlib import flash
 from kvlib.attention import attention
 from kvlib.cache.contract import DenseKV, KVView, PagedKV, StepBatch
 
@@ -119,3 +122,4 @@ register("reference", reference)
 register("sdpa", sdpa)
 register("triton", triton)
 register("fast", fast)
+register("chunked", flash.chunked)
