@@ -7,6 +7,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from kvlib import analysis  # noqa: E402
 from kvlib.experiments import gpu as gexp  # noqa: E402
@@ -48,3 +49,10 @@ def test_recorded_results_are_complete(tmp_path):
         assert {"device", "copy_TBps", "rows", "date", "versions"} <= set(result)
         for row in result["rows"]:
             assert {"B", "S", "kv_GB", "paged_ms", "sdpa_ms", "gather_ms", "int8_ms"} <= set(row)
+
+
+def test_gather_equals_the_reference_gather():
+    case = gexp.make_case(2, 32, H=4, Hkv=2, D=8, BS=4, dtype=torch.float32, device="cpu")
+    dense = case.paged.dense()  # (B, Hkv, S, D)
+    assert torch.equal(gexp.gather(case.paged.k_pool, case.paged.block_tables), dense.k)
+    assert torch.equal(gexp.gather(case.paged.v_pool, case.paged.block_tables), case.v)

@@ -6,7 +6,7 @@ ways -- a paged pool with the blocks scattered (what a serving cache holds), a c
 
     paged   kvlib's Triton kernel reading the blocks in place (kvlib.kernels.paged_decode)
     sdpa    torch's scaled_dot_product_attention(enable_gqa=True) on the contiguous cache
-    gather  the blocks gathered into a contiguous copy, then sdpa (what paging costs naively)
+    gather  the blocks gathered into a contiguous copy (one pass), then sdpa: paging, naively
     int8    the Triton kernel over the INT8 pool, dequantizing in registers
 
 Each is timed as a median (`triton.testing.do_bench` on a GPU, which flushes the L2 cache
@@ -127,9 +127,23 @@ def decode_paths(case: DecodeCase, tile_n: int | None = None) -> dict:
     }
 
 
+def gather(pool: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+    """(NB, Hkv, BS, D) pool -> (B, Hkv, M*BS, D) contiguous, in one copy (every block full).
+
+    `PagedKV.dense` (the reference) copies twice: index, then permute to head-major. Here
+    the head index goes into the same advanced indexing, so the copy lands head-major.
+    """
+    B, M = block_tables.shape
+    NB, Hkv, BS, D = pool.shape
+    heads = torch.arange(Hkv, device=pool.device)[None, :, None]  # (1, Hkv, 1)
+    tiles = pool[block_tables.long()[:, None, :], heads]  # (B, Hkv, M, BS, D)
+    return tiles.view(B, Hkv, M * BS, D)
+
+
 def _gather_sdpa(q4: torch.Tensor, paged: PagedKV) -> torch.Tensor:
-    dense = paged.dense()  # (B, Hkv, S, D) copies of every block
-    return F.scaled_dot_product_attention(q4, dense.k, dense.v, enable_gqa=True)[:, :, 0]
+    k = gather(paged.k_pool, paged.block_tables)  # (B, Hkv, S, D): a copy of every block
+    v = gather(paged.v_pool, paged.block_tables)
+    return F.scaled_dot_product_attention(q4, k, v, enable_gqa=True)[:, :, 0]
 
 
 def max_errors(case: DecodeCase, rows: int = 2) -> dict[str, float]:
