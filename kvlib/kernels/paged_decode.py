@@ -46,6 +46,7 @@ from kvlib.kernels.store_kv import INTERPRETED, triton_runs_on
 try:
     import triton
     import triton.language as tl
+    from triton.runtime.errors import OutOfResources
 except ImportError:  # kvlib imports without triton; the function falls back to the reference
     triton = None
 
@@ -86,6 +87,15 @@ def check_inputs(q, k_pool, v_pool, block_tables, context_lens) -> None:
         _check(q, k_pool, v_pool, block_tables, torch.ones(q.shape[0], dtype=torch.int32))
 
 
+def interpreter_runs_kernels() -> bool:
+    """Whether this Triton's interpreter can run the kernels here: their loops have run-time
+    bounds, which the interpreter handles from Triton 3.9 on (3.6's fails; 3.9 is pinned)."""
+    if triton is None:
+        return False
+    major, minor = (int(x) for x in triton.__version__.split(".")[:2])
+    return (major, minor) >= (3, 9)
+
+
 def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor,
                            num_splits: int | None = None, tile_n: int = TILE_N,
@@ -116,6 +126,9 @@ def launch(q, k_pool, v_pool, k_scale, v_scale, block_tables, context_lens, num_
     B, H, D = q.shape
     NB, Hkv, BS, _ = k_pool.shape
     G = H // Hkv
+    if INTERPRETED and not interpreter_runs_kernels():
+        raise RuntimeError(f"Triton {triton.__version__}'s interpreter cannot run this kernel "
+                           f"(loops with run-time bounds); use Triton >= 3.9 or a GPU")
     if BS & (BS - 1) or BS > 128 or tile_n & (tile_n - 1) or tile_n < MIN_DOT:
         raise ValueError(f"block size {BS} must be a power of two <= 128 and tile_n {tile_n} "
                          f"a power of two >= {MIN_DOT}")
@@ -140,18 +153,27 @@ def launch(q, k_pool, v_pool, k_scale, v_scale, block_tables, context_lens, num_
     quantized = k_scale is not None
     scales = (k_scale, v_scale) if quantized else (k_pool, v_pool)  # unused pointers if not
     scale_strides = (*k_scale.stride(), *v_scale.stride()) if quantized else (0,) * 6
-    _split_kernel[(B, Hkv, num_splits)](
-        q, k_pool, v_pool, *scales, tables, lens, m_part, l_part, acc_part,
-        *q.stride(), *k_pool.stride(), *v_pool.stride(), *scale_strides, tables.stride(0),
-        *m_part.stride(), *acc_part.stride(),
-        1.0 / math.sqrt(D), split_len,
-        G=G, G_PAD=max(MIN_DOT, triton.next_power_of_2(G)), D=D,
-        D_PAD=max(MIN_DOT, triton.next_power_of_2(D)), BS=BS, TILE_N=tile_n,
-        QUANTIZED=quantized, DOT_DTYPE=_dot_dtype(q.dtype),
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+    while True:
+        try:
+            _split_kernel[(B, Hkv, num_splits)](
+                q, k_pool, v_pool, *scales, tables, lens, m_part, l_part, acc_part,
+                *q.stride(), *k_pool.stride(), *v_pool.stride(), *scale_strides,
+                tables.stride(0), *m_part.stride(), *acc_part.stride(),
+                1.0 / math.sqrt(D), split_len,
+                G=G, G_PAD=max(MIN_DOT, triton.next_power_of_2(G)), D=D,
+                D_PAD=max(MIN_DOT, triton.next_power_of_2(D)), BS=BS, TILE_N=tile_n,
+                QUANTIZED=quantized, DOT_DTYPE=_dot_dtype(q.dtype),
+                PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+            break
+        except OutOfResources:
+            # NOTE: a GPU with little shared memory per SM (a T4 has 64 KB) cannot stage
+            # large K and V tiles; halving the tile keeps split_len a whole number of tiles.
+            if tile_n <= max(MIN_DOT, BS):
+                raise
+            tile_n //= 2
     _merge_kernel[(B, H)](
         m_part, l_part, acc_part, out, *m_part.stride(), *acc_part.stride(), *out.stride(),
-        num_splits, NS_PAD=triton.next_power_of_2(num_splits), D=D,
+        num_splits, NS_PAD=max(2, triton.next_power_of_2(num_splits)), D=D,
         D_PAD=triton.next_power_of_2(D))
     return out
 
