@@ -161,13 +161,19 @@ class TransformerLM(nn.Module):
         # "fast", ...). One switch for the whole model; `attention` checks it on use.
         self.attention = "reference"
 
+    def cache_config(self, max_batch_size: int, max_seq_len: int, **kwargs) -> CacheConfig:
+        """A CacheConfig with this model's layers, KV heads, head dim, dtype and device,
+        for any cache kind: `PagedKVCache(model.cache_config(1, 4096), num_blocks=256)`."""
+        weight = self.embed.weight
+        kwargs = {"dtype": weight.dtype, "device": weight.device, **kwargs}
+        return CacheConfig.for_model(self.config, max_batch_size=max_batch_size,
+                                     max_seq_len=max_seq_len, **kwargs)
+
     def new_cache(self, batch_size: int, max_seq_len: int,
                   layout: Layout = Layout.SEQ_MAJOR) -> FlatKVCache:
-        """An empty flat cache with this model's shape, dtype and device."""
-        weight = self.embed.weight
-        return FlatKVCache(CacheConfig.for_model(
-            self.config, max_batch_size=batch_size, max_seq_len=max_seq_len,
-            dtype=weight.dtype, device=weight.device, layout=layout))
+        """An empty flat cache with this model's shape, dtype and device (other kinds take
+        `cache_config`)."""
+        return FlatKVCache(self.cache_config(batch_size, max_seq_len, layout=layout))
 
     def hidden_states(self, tokens: torch.Tensor, cache: KVCache | None = None,
                       seq_ids: Sequence[int] | None = None) -> torch.Tensor:
