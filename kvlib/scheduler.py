@@ -27,6 +27,7 @@ new token. Step 3: both feed 1.
 
 from __future__ import annotations
 
+import operator
 from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
@@ -52,10 +53,18 @@ class Request:
                  max_new_tokens: int = 16, stop_token_ids=()) -> None:
         if isinstance(prompt_ids, torch.Tensor):
             prompt_ids = prompt_ids.reshape(-1).tolist()
-        object.__setattr__(self, "prompt_ids", tuple(int(t) for t in prompt_ids))
+        object.__setattr__(self, "prompt_ids", _token_ids("prompt_ids", prompt_ids))
         object.__setattr__(self, "sampling", sampling)
         object.__setattr__(self, "max_new_tokens", max_new_tokens)
-        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in stop_token_ids))
+        object.__setattr__(self, "stop_token_ids", _token_ids("stop_token_ids", stop_token_ids))
+
+
+def _token_ids(name: str, ids) -> tuple[int, ...]:
+    """Integers only (numpy and torch integer scalars too): 2.7 is not a token id."""
+    try:
+        return tuple(operator.index(t) for t in ids)
+    except TypeError:
+        raise ValueError(f"{name} must be integer token ids, got {list(ids)!r}") from None
 
 
 class Status(str, Enum):

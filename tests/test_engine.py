@@ -173,6 +173,8 @@ def test_bad_requests_are_refused_and_the_engine_keeps_serving(model):
     for args, message in bad:
         with pytest.raises(ValueError, match=message):
             engine.add_request(*args)
+    with pytest.raises(ValueError, match="integer token ids"):
+        engine.add_request([1, 2.5], SamplingParams(), 4)
     assert len(engine.scheduler.waiting) == 1  # nothing bad was queued
     other = engine.add_request([4, 5], SamplingParams(), 3)
     engine.run(show_progress=False)
