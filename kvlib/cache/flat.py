@@ -25,18 +25,12 @@ Worked example: in SEQ_MAJOR with Hkv = 2, D = 4, the key of head 1 at token 5 s
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import replace
 
 import torch
 
-from kvlib.cache.contract import (
-    DenseKV,
-    StepBatch,
-    StepLedger,
-    check_new_kv,
-    check_query_lens,
-)
-from kvlib.checks import require_ids, require_int
+from kvlib.cache.contract import DenseKV, StepBatch, check_new_kv
+from kvlib.cache.slots import SlotTable
+from kvlib.checks import require_int
 from kvlib.config import CacheConfig, Layout
 
 
@@ -49,10 +43,8 @@ class FlatKVCache:
     def __init__(self, config: CacheConfig) -> None:
         self.config = config
         self.data = torch.zeros(config.shape, dtype=config.dtype, device=config.device)
-        # NOTE: lengths live on the CPU so checks need no device sync; they are the only
-        # truth about how much of `data` is in use (zeros are valid keys).
-        self._lengths = torch.zeros(config.max_batch_size, dtype=torch.int64)  # (B,)
-        self._ledger = StepLedger(config.num_layers)
+        # Slot ids, stored lengths and the open step (shared with RingKVCache).
+        self._slots = SlotTable(config.max_batch_size, config.max_seq_len, config.num_layers)
 
     # -- views --------------------------------------------------------------------------------
     @property
@@ -75,8 +67,7 @@ class FlatKVCache:
 
     # -- the cache contract -------------------------------------------------------------------
     def lengths(self, seq_ids: Sequence[int]) -> torch.Tensor:
-        rows = self._check_seq_ids(seq_ids)
-        return self._lengths[rows].clone()  # (B,)
+        return self._slots.lengths[self._slots.rows(seq_ids)].clone()  # (B,)
 
     def begin(self, seq_ids: Sequence[int], query_lens: Sequence[int],
               token_ids: torch.Tensor | None = None) -> StepBatch:
@@ -87,25 +78,11 @@ class FlatKVCache:
         >>> cache.begin([2], [3]).slot_mapping.tolist()   # slot 2, positions 0..2
         [20, 21, 22]
         """
-        rows = self._check_seq_ids(seq_ids)
-        lens = check_query_lens(query_lens, len(rows))
-        starts = self._lengths[rows]  # (B,)
-        ends = starts + torch.tensor(lens)  # (B,)
-        S = self.config.max_seq_len
-        if int(ends.max()) > S:
-            full = [r for r, e in zip(rows, ends.tolist()) if e > S]
-            raise ValueError(f"no room: slot(s) {full} (lengths {self._lengths[full].tolist()}) "
-                             f"cannot take {lens} more token(s) within max_seq_len {S}")
-        step = self._ledger.open()
-        batch = StepBatch.make(rows, starts.tolist(), lens, torch.empty(0, dtype=torch.int64),
-                               step)
-        slots = torch.tensor(rows)[batch.token_rows] * S + batch.positions  # (N,)
-        return replace(batch, positions=batch.positions.to(self.config.device),
-                       slot_mapping=slots.to(self.config.device))
+        return self._slots.begin(seq_ids, query_lens, self.config.device)
 
     def write(self, layer: int, batch: StepBatch, k: torch.Tensor, v: torch.Tensor) -> None:
         self._check_layer(layer)
-        self._ledger.check(batch)
+        self._slots.ledger.check(batch)
         cfg = self.config
         check_new_kv(k, v, batch.num_tokens, cfg.num_kv_heads, cfg.head_dim, cfg.dtype,
                      cfg.device)
@@ -114,11 +91,11 @@ class FlatKVCache:
         # detach: the cache stores values, never autograd history
         self.keys(layer)[rows, :, pos] = k.detach()  # (N, Hkv, D) into (B, Hkv, S, D)
         self.values(layer)[rows, :, pos] = v.detach()
-        self._ledger.wrote(layer)
+        self._slots.ledger.wrote(layer)
 
     def read(self, layer: int, batch: StepBatch) -> DenseKV:
         self._check_layer(layer)
-        self._ledger.check(batch)
+        self._slots.ledger.check(batch)
         rows = list(batch.seq_ids)
         S = int(batch.context_lens.max())
         keys, values = self.keys(layer), self.values(layer)  # (B_max, Hkv, S_max, D)
@@ -130,40 +107,22 @@ class FlatKVCache:
         return DenseKV(keys[index, :, :S], values[index, :, :S], lens)  # gathered copy
 
     def commit(self, batch: StepBatch) -> None:
-        self._ledger.close(batch, complete=True)
-        self._lengths[list(batch.seq_ids)] = batch.context_lens
+        self._slots.commit(batch)
 
     def abort(self, batch: StepBatch) -> None:
-        # Nothing to undo: writes past a slot's length are not part of it.
-        self._ledger.close(batch, complete=False)
+        self._slots.abort(batch)
 
     def fork(self, src: int, dst: int) -> None:
         """Copy slot `src`'s tokens into the empty slot `dst` (a flat cache cannot share)."""
-        self._ledger.require_idle("fork")
-        src_row, dst_row = self._check_seq_ids([src, dst])
-        if int(self._lengths[dst_row]):
-            raise ValueError(f"cannot fork into slot {dst}: it holds "
-                             f"{int(self._lengths[dst_row])} token(s); release it first")
-        n = int(self._lengths[src_row])
+        src_row, dst_row = self._slots.fork_rows(src, dst)
+        n = int(self._slots.lengths[src_row])
         for layer in range(self.num_layers):
             self.keys(layer)[dst_row, :, :n] = self.keys(layer)[src_row, :, :n]
             self.values(layer)[dst_row, :, :n] = self.values(layer)[src_row, :, :n]
-        self._lengths[dst_row] = n
+        self._slots.lengths[dst_row] = n
 
     def release(self, seq_ids: Sequence[int]) -> None:
-        rows = self._check_seq_ids(seq_ids)
-        self._ledger.require_idle("release")
-        self._lengths[rows] = 0
+        self._slots.release(seq_ids)
 
-    # -- checks ------------------------------------------------------------------------------
     def _check_layer(self, layer: int) -> None:
         require_int("layer", layer, minimum=0, maximum=self.config.num_layers - 1)
-
-    def _check_seq_ids(self, seq_ids: Sequence[int]) -> list[int]:
-        rows = require_ids("seq_ids", seq_ids)
-        B = self.config.max_batch_size
-        bad = [s for s in rows if s >= B]
-        if bad:
-            raise ValueError(f"batch slot(s) {bad} out of range for a cache with "
-                             f"max_batch_size {B} (valid: 0..{B - 1})")
-        return rows

@@ -37,14 +37,9 @@ from collections.abc import Sequence
 
 import torch
 
-from kvlib.cache.contract import (
-    DenseKV,
-    StepBatch,
-    StepLedger,
-    check_new_kv,
-    check_query_lens,
-)
-from kvlib.checks import require_ids, require_int
+from kvlib.cache.contract import DenseKV, StepBatch, check_new_kv, check_query_lens
+from kvlib.cache.slots import SlotTable
+from kvlib.checks import require_int
 from kvlib.config import CacheConfig, ModelConfig
 
 
@@ -73,8 +68,7 @@ class RingKVCache:
         self.v = [torch.zeros_like(k) for k in self.k]
         # NOTE: lengths are positions written so far, not slots in use; read derives which
         # positions each ring holds from them (the last min(length, C)).
-        self._lengths = torch.zeros(config.max_batch_size, dtype=torch.int64)  # (B,)
-        self._ledger = StepLedger(config.num_layers)
+        self._slots = SlotTable(config.max_batch_size, config.max_seq_len, config.num_layers)
 
     @classmethod
     def for_model(cls, model: ModelConfig, *, max_batch_size: int, max_seq_len: int,
@@ -95,35 +89,23 @@ class RingKVCache:
 
     # -- the cache contract -------------------------------------------------------------------
     def lengths(self, seq_ids: Sequence[int]) -> torch.Tensor:
-        return self._lengths[self._check_seq_ids(seq_ids)].clone()  # (B,)
+        return self._slots.lengths[self._slots.rows(seq_ids)].clone()  # (B,)
 
     def begin(self, seq_ids: Sequence[int], query_lens: Sequence[int],
               token_ids: torch.Tensor | None = None) -> StepBatch:
         """Check the step: at most `max_query_len` tokens per sequence (see the module's
         note), within `max_seq_len` positions. Slot mapping: row * max_seq_len + position
         (each layer then takes the position modulo its capacity)."""
-        rows = self._check_seq_ids(seq_ids)
-        lens = check_query_lens(query_lens, len(rows))
+        lens = check_query_lens(query_lens, len(list(seq_ids)))
         if max(lens) > self.max_query_len:
             raise ValueError(f"a step of {max(lens)} tokens exceeds max_query_len "
                              f"{self.max_query_len}: its writes would overwrite keys its own "
                              f"first queries read; feed the prompt in chunks")
-        starts = self._lengths[rows]  # (B,)
-        S = self.config.max_seq_len
-        if int((starts + torch.tensor(lens)).max()) > S:
-            raise ValueError(f"no room: slots {rows} at lengths {starts.tolist()} cannot take "
-                             f"{lens} more token(s) within max_seq_len {S}")
-        step = self._ledger.open()
-        batch = StepBatch.make(rows, starts.tolist(), lens, torch.empty(0, dtype=torch.int64),
-                               step)
-        slots = torch.tensor(rows)[batch.token_rows] * S + batch.positions  # (N,)
-        device = self.config.device
-        return StepBatch(batch.seq_ids, batch.query_lens, batch.context_lens,
-                         batch.positions.to(device), slots.to(device), step)
+        return self._slots.begin(seq_ids, lens, self.config.device)
 
     def write(self, layer: int, batch: StepBatch, k: torch.Tensor, v: torch.Tensor) -> None:
         self._check_layer(layer)
-        self._ledger.check(batch)
+        self._slots.ledger.check(batch)
         cfg = self.config
         check_new_kv(k, v, batch.num_tokens, cfg.num_kv_heads, cfg.head_dim, cfg.dtype,
                      cfg.device)
@@ -131,13 +113,13 @@ class RingKVCache:
         ring = (batch.slot_mapping % cfg.max_seq_len) % self.capacities[layer]  # (N,)
         self.k[layer][rows, :, ring] = k.detach()  # (N, Hkv, D) into (B, Hkv, C, D)
         self.v[layer][rows, :, ring] = v.detach()
-        self._ledger.wrote(layer)
+        self._slots.ledger.wrote(layer)
 
     def read(self, layer: int, batch: StepBatch) -> DenseKV:
         """Full layers: views, as a flat cache. Ring layers: the kept keys oldest first, a
         gather of at most C keys per row (a kernel would index the ring in place)."""
         self._check_layer(layer)
-        self._ledger.check(batch)
+        self._slots.ledger.check(batch)
         C, device = self.capacities[layer], self.config.device
         rows = torch.tensor(batch.seq_ids, device=device)  # (B,)
         lens = batch.context_lens.to(device)  # (B,)
@@ -153,38 +135,21 @@ class RingKVCache:
                        key_start=starts)
 
     def commit(self, batch: StepBatch) -> None:
-        self._ledger.close(batch, complete=True)
-        self._lengths[list(batch.seq_ids)] = batch.context_lens
+        self._slots.commit(batch)
 
     def abort(self, batch: StepBatch) -> None:
         # Nothing to undo: a step only overwrites keys no later step reads (module note).
-        self._ledger.close(batch, complete=False)
+        self._slots.abort(batch)
 
     def fork(self, src: int, dst: int) -> None:
         """Copy slot `src` (its rings included) into the empty slot `dst`."""
-        self._ledger.require_idle("fork")
-        src_row, dst_row = self._check_seq_ids([src, dst])
-        if int(self._lengths[dst_row]):
-            raise ValueError(f"cannot fork into slot {dst}: it holds "
-                             f"{int(self._lengths[dst_row])} token(s); release it first")
+        src_row, dst_row = self._slots.fork_rows(src, dst)
         for k, v in zip(self.k, self.v):
             k[dst_row], v[dst_row] = k[src_row], v[src_row]
-        self._lengths[dst_row] = self._lengths[src_row]
+        self._slots.lengths[dst_row] = self._slots.lengths[src_row]
 
     def release(self, seq_ids: Sequence[int]) -> None:
-        rows = self._check_seq_ids(seq_ids)
-        self._ledger.require_idle("release")
-        self._lengths[rows] = 0
+        self._slots.release(seq_ids)
 
-    # -- checks ------------------------------------------------------------------------------
     def _check_layer(self, layer: int) -> None:
         require_int("layer", layer, minimum=0, maximum=self.config.num_layers - 1)
-
-    def _check_seq_ids(self, seq_ids: Sequence[int]) -> list[int]:
-        rows = require_ids("seq_ids", seq_ids)
-        B = self.config.max_batch_size
-        bad = [s for s in rows if s >= B]
-        if bad:
-            raise ValueError(f"batch slot(s) {bad} out of range for a cache with "
-                             f"max_batch_size {B} (valid: 0..{B - 1})")
-        return rows

@@ -1,0 +1,86 @@
+"""Slots: how a preallocated cache names its sequences, stores their lengths and steps.
+
+`FlatKVCache` and `RingKVCache` both give each sequence a batch slot 0..max_batch_size-1
+with room reserved up front. What they share -- checking slot ids, the stored lengths, the
+open step, admitting a step's tokens, commit, abort, release, and the checks of a fork --
+lives here once; each cache keeps only how it stores and reads keys.
+
+Slot mapping: token at position p of slot r goes to r * max_seq_len + p.
+
+>>> slots = SlotTable(max_batch_size=4, max_seq_len=10, num_layers=1)
+>>> slots.begin([2], [3], torch.device("cpu")).slot_mapping.tolist()  # slot 2, positions 0..2
+[20, 21, 22]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+
+import torch
+
+from kvlib.cache.contract import StepBatch, StepLedger, check_query_lens
+from kvlib.checks import require_ids
+
+
+class SlotTable:
+    """Lengths and the open step of `max_batch_size` slots of `max_seq_len` positions."""
+
+    def __init__(self, max_batch_size: int, max_seq_len: int, num_layers: int) -> None:
+        self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
+        # NOTE: lengths live on the CPU so checks need no device sync; they are the only
+        # truth about how much of a slot is in use (zeros are valid keys).
+        self.lengths = torch.zeros(max_batch_size, dtype=torch.int64)  # (B,)
+        self.ledger = StepLedger(num_layers)
+
+    def rows(self, seq_ids: Sequence[int]) -> list[int]:
+        """The slots named, checked: distinct ints in [0, max_batch_size)."""
+        rows = require_ids("seq_ids", seq_ids)
+        B = self.max_batch_size
+        bad = [s for s in rows if s >= B]
+        if bad:
+            raise ValueError(f"batch slot(s) {bad} out of range for a cache with "
+                             f"max_batch_size {B} (valid: 0..{B - 1})")
+        return rows
+
+    def begin(self, seq_ids: Sequence[int], query_lens: Sequence[int],
+              device: torch.device) -> StepBatch:
+        """Open a step for `query_lens[b]` new tokens per slot, if they fit."""
+        rows = self.rows(seq_ids)
+        lens = check_query_lens(query_lens, len(rows))
+        starts = self.lengths[rows]  # (B,)
+        ends = starts + torch.tensor(lens)  # (B,)
+        S = self.max_seq_len
+        if int(ends.max()) > S:
+            full = [r for r, e in zip(rows, ends.tolist()) if e > S]
+            raise ValueError(f"no room: slot(s) {full} (lengths {self.lengths[full].tolist()}) "
+                             f"cannot take {lens} more token(s) within max_seq_len {S}")
+        step = self.ledger.open()
+        batch = StepBatch.make(rows, starts.tolist(), lens, torch.empty(0, dtype=torch.int64),
+                               step)
+        slots = torch.tensor(rows)[batch.token_rows] * S + batch.positions  # (N,)
+        return replace(batch, positions=batch.positions.to(device),
+                       slot_mapping=slots.to(device))
+
+    def commit(self, batch: StepBatch) -> None:
+        self.ledger.close(batch, complete=True)
+        self.lengths[list(batch.seq_ids)] = batch.context_lens
+
+    def abort(self, batch: StepBatch) -> None:
+        # Nothing to undo in the storage: writes past a slot's length are not part of it.
+        self.ledger.close(batch, complete=False)
+
+    def fork_rows(self, src: int, dst: int) -> tuple[int, int]:
+        """Check a fork of slot `src` into the empty slot `dst`; the caller copies the data,
+        then sets `lengths[dst]`."""
+        self.ledger.require_idle("fork")
+        src_row, dst_row = self.rows([src, dst])
+        if int(self.lengths[dst_row]):
+            raise ValueError(f"cannot fork into slot {dst}: it holds "
+                             f"{int(self.lengths[dst_row])} token(s); release it first")
+        return src_row, dst_row
+
+    def release(self, seq_ids: Sequence[int]) -> None:
+        rows = self.rows(seq_ids)
+        self.ledger.require_idle("release")
+        self.lengths[rows] = 0
