@@ -18,8 +18,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from kvlib.attention import attention
-from kvlib.cache.contract import KVCache
+from kvlib.backends import attend
+from kvlib.cache.contract import DenseKV, KVCache, StepBatch, check_query_lens
 from kvlib.cache.flat import FlatKVCache
 from kvlib.config import CacheConfig, Layout, ModelConfig
 from kvlib.sampling import SamplingParams, sample_next
@@ -39,17 +39,17 @@ class RMSNorm(nn.Module):
 
 def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float,
                    dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin (B, 1, T, D) for absolute positions (B, T); frequencies in float32."""
+    """cos and sin (..., D) for absolute positions of any shape (...); frequencies in float32."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float()
                                / head_dim)  # (D/2,)
-    angles = positions.float()[..., None] * inv_freq  # (B, T, D/2)
-    angles = torch.cat([angles, angles], dim=-1)[:, None]  # (B, 1, T, D)
+    angles = positions.float()[..., None] * inv_freq  # (..., D/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (..., D)
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x[i], x[i + D/2]) by each position's angle; x (B, heads, T, D)."""
-    x1, x2 = x.chunk(2, dim=-1)  # (B, heads, T, D/2) each
+    """Rotate pairs (x[i], x[i + D/2]) by each position's angle; cos, sin broadcast to x."""
+    x1, x2 = x.chunk(2, dim=-1)  # (..., D/2) each
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
@@ -65,21 +65,42 @@ class MultiHeadAttention(nn.Module):
         self.v_proj = nn.Linear(d, Hkv * D, bias=False)
         self.o_proj = nn.Linear(H * D, d, bias=False)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache | None,
-                seq_ids: Sequence[int]) -> torch.Tensor:
-        B, T, _ = x.shape
+    def forward(self, x: torch.Tensor, batch: StepBatch, cache: KVCache | None,
+                backend: str) -> torch.Tensor:
+        """x (N, d) packed tokens of `batch` -> (N, d). With a cache, the new keys and values
+        are written to it and attention reads the layer back from it, in place."""
+        N = x.shape[0]
         cfg = self.config
         H, Hkv, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
-        v = self.v_proj(x).view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
-        cos, sin = rotary_cos_sin(positions, D, cfg.rope_theta, q.dtype)  # (B, 1, T, D)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(self.layer_idx, seq_ids, k, v)  # (B, Hkv, S, D), past + new
-        kv_lens = positions[:, -1] + 1  # (B,) keys that exist: everything up to the last query
-        out = attention(q, k, v, positions, kv_lens)  # (B, H, T, D)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, H * D))  # (B, T, d)
+        q = self.q_proj(x).view(N, H, D)  # (N, H, D)
+        k = self.k_proj(x).view(N, Hkv, D)  # (N, Hkv, D)
+        v = self.v_proj(x).view(N, Hkv, D)  # (N, Hkv, D)
+        cos, sin = rotary_cos_sin(batch.positions, D, cfg.rope_theta, q.dtype)  # (N, D)
+        q, k = apply_rotary(q, cos[:, None], sin[:, None]), apply_rotary(k, cos[:, None],
+                                                                       sin[:, None])
+        if cache is None:
+            kv = _dense_from_packed(k, v, batch)  # (B, Hkv, T, D): the tokens themselves
+        else:
+            cache.write(self.layer_idx, batch, k, v)
+            kv = cache.read(self.layer_idx, batch)  # past + new, read where it lies
+        out = attend(q, kv, batch, backend)  # (N, H, D)
+        return self.o_proj(out.reshape(N, H * D))  # (N, d)
+
+
+def _dense_from_packed(k: torch.Tensor, v: torch.Tensor, batch: StepBatch) -> DenseKV:
+    """Without a cache, keys and values are the new tokens themselves: (N, Hkv, D) packed
+    -> (B, Hkv, T_max, D), zero-padded past each sequence's length."""
+    B, T = batch.num_seqs, int(batch.query_lens.max())
+    if batch.uniform_len is not None:
+        kd = k.view(B, T, *k.shape[1:]).transpose(1, 2)  # (B, Hkv, T, D)
+        vd = v.view(B, T, *v.shape[1:]).transpose(1, 2)
+    else:
+        rows = batch.token_rows.to(k.device)  # (N,)
+        kd = k.new_zeros(B, T, *k.shape[1:])  # (B, T, Hkv, D)
+        vd = v.new_zeros(B, T, *v.shape[1:])
+        kd[rows, batch.positions], vd[rows, batch.positions] = k, v
+        kd, vd = kd.transpose(1, 2), vd.transpose(1, 2)  # (B, Hkv, T, D)
+    return DenseKV(kd, vd, batch.query_lens.to(k.device))
 
 
 class MLP(nn.Module):
@@ -92,7 +113,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.ffn_dim, config.d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # (B, T, d)
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # (N, d)
 
 
 class TransformerBlock(nn.Module):
@@ -105,10 +126,10 @@ class TransformerBlock(nn.Module):
         self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache | None,
-                seq_ids: Sequence[int]) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), positions, cache, seq_ids)
-        return x + self.mlp(self.mlp_norm(x))  # (B, T, d)
+    def forward(self, x: torch.Tensor, batch: StepBatch, cache: KVCache | None,
+                backend: str) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), batch, cache, backend)
+        return x + self.mlp(self.mlp_norm(x))  # (N, d)
 
 
 @dataclass(frozen=True)
@@ -132,6 +153,9 @@ class TransformerLM(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.apply(_init_weights)
+        # How attention runs: a name in kvlib.backends.BACKENDS ("reference", "sdpa",
+        # "fast", ...). One switch for the whole model; `attention` checks it on use.
+        self.attention = "reference"
 
     def new_cache(self, batch_size: int, max_seq_len: int,
                   layout: Layout = Layout.SEQ_MAJOR) -> FlatKVCache:
@@ -155,18 +179,58 @@ class TransformerLM(nn.Module):
         seq_ids = list(range(B)) if seq_ids is None else list(seq_ids)
         if len(seq_ids) != B:
             raise ValueError(f"{len(seq_ids)} seq_ids for a batch of {B} rows")
-        start = torch.zeros(B, dtype=torch.int64) if cache is None else cache.lengths(seq_ids)
-        limit = self.config.max_seq_len
-        if int(start.max()) + T > limit:
-            raise ValueError(f"positions up to {int(start.max()) + T - 1} exceed the model's "
-                             f"max_seq_len {limit}")
-        positions = start.to(tokens.device)[:, None] + torch.arange(T, device=tokens.device)
-        x = self.embed(tokens)  # (B, T, d)
-        for block in self.layers:
-            x = block(x, positions, cache, seq_ids)
-        if cache is not None:
-            cache.advance(seq_ids, T)
-        return self.norm(x)  # (B, T, d)
+        x = self.packed_hidden_states(tokens.reshape(-1), [T] * B, cache, seq_ids)  # (N, d)
+        return x.view(B, T, -1)  # (B, T, d)
+
+    def packed_hidden_states(self, token_ids: torch.Tensor, query_lens: Sequence[int],
+                             cache: KVCache | None = None,
+                             seq_ids: Sequence[int] | None = None) -> torch.Tensor:
+        """(N,) new tokens of B sequences, packed, `query_lens[b]` each -> (N, d).
+
+        Sequences may feed different numbers of tokens (some a chunk of a prompt, some one
+        decode token): there is no padding, and each sequence attends only to its own keys.
+        Without a cache every sequence starts at position 0.
+        """
+        if token_ids.dim() != 1 or token_ids.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"token_ids must be packed integer ids (N,), got "
+                             f"{tuple(token_ids.shape)} of {token_ids.dtype}")
+        self._check_vocab(token_ids)
+        lens = check_query_lens(query_lens, len(query_lens))
+        if sum(lens) != token_ids.shape[0]:
+            raise ValueError(f"query_lens {lens} sum to {sum(lens)}, but {token_ids.shape[0]} "
+                             f"tokens were given")
+        seq_ids = list(range(len(lens))) if seq_ids is None else list(seq_ids)
+        if len(seq_ids) != len(lens):
+            raise ValueError(f"{len(seq_ids)} seq_ids for {len(lens)} query_lens")
+        start = [0] * len(lens) if cache is None else cache.lengths(seq_ids).tolist()
+        longest = max(s + n for s, n in zip(start, lens))
+        if longest > self.config.max_seq_len:
+            raise ValueError(f"positions up to {longest - 1} exceed the model's "
+                             f"max_seq_len {self.config.max_seq_len}")
+        device = token_ids.device
+        if cache is None:
+            batch = StepBatch.make(seq_ids, start, lens, torch.arange(sum(lens), device=device),
+                                   step=-1)
+        else:
+            batch = cache.begin(seq_ids, lens, token_ids)
+        try:
+            x = self.embed(token_ids)  # (N, d)
+            for block in self.layers:
+                x = block(x, batch, cache, self.attention)
+            if cache is not None:
+                cache.commit(batch)
+        except BaseException:
+            if cache is not None:
+                cache.abort(batch)  # NOTE: a failed step leaves the cache as it was
+            raise
+        return self.norm(x)  # (N, d)
+
+    def _check_vocab(self, token_ids: torch.Tensor) -> None:
+        V = self.config.vocab_size
+        if token_ids.numel() and (int(token_ids.min()) < 0 or int(token_ids.max()) >= V):
+            bad = token_ids[(token_ids < 0) | (token_ids >= V)][0].item()
+            raise ValueError(f"token id {bad} is outside the vocabulary: ids must be in "
+                             f"[0, {V}) (vocab_size {V})")
 
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None,
                 seq_ids: Sequence[int] | None = None) -> torch.Tensor:

@@ -249,12 +249,12 @@ def test_logits_match_huggingface_llama(heads, kv_heads):
 def rotate(x: torch.Tensor, positions: torch.Tensor, theta: float = 10_000.0) -> torch.Tensor:
     """x (B, heads, T, D) rotated at positions (B, T)."""
     cos, sin = rotary_cos_sin(positions, x.shape[-1], theta, x.dtype)
-    return apply_rotary(x, cos, sin)
+    return apply_rotary(x, cos[:, None], sin[:, None])  # (B, 1, T, D) over the heads
 
 
 def test_rotary_cos_sin_shape():
     cos, sin = rotary_cos_sin(torch.arange(5).expand(3, 5), 8, 10_000.0, torch.float32)
-    assert cos.shape == sin.shape == (3, 1, 5, 8)
+    assert cos.shape == sin.shape == (3, 5, 8)
 
 
 def test_rotary_worked_example_rotate_half_pairs():
@@ -397,17 +397,17 @@ def test_failed_forward_leaves_cache_as_it_was(small_model, layout):
 
 
 class FailingOnLayer(FlatKVCache):
-    """A flat cache whose update fails on one layer once: a step that breaks halfway."""
+    """A flat cache whose write fails on one layer once: a step that breaks halfway."""
 
     def __init__(self, config, fail_layer: int) -> None:
         super().__init__(config)
         self.fail_layer = fail_layer
 
-    def update(self, layer, seq_ids, k, v):
+    def write(self, layer, batch, k, v):
         if layer == self.fail_layer:
             self.fail_layer = -1
             raise ValueError("injected failure")
-        return super().update(layer, seq_ids, k, v)
+        return super().write(layer, batch, k, v)
 
 
 def test_step_failing_on_a_late_layer_commits_nothing(small_model):

@@ -1,35 +1,161 @@
-"""The cache contract: the four calls an attention layer and an engine make on any KV cache.
+"""The cache contract: how an attention layer and an engine talk to any KV cache.
 
 Every cache in kvlib (flat, paged, quantized) implements this one small interface, so the
-model and the engine run unchanged on any of them. A forward pass over T new tokens of a
-batch of sequences goes:
+model and the engine run unchanged on any of them. Writing and attending are two acts: the
+cache stores new keys and values where they belong (through a `slot_mapping`), then hands
+attention what it needs to read them *in place* -- views for a flat cache, block tables for a
+paged one -- instead of a padded copy of everything.
 
-    lens = cache.lengths(seq_ids)                  # (B,) tokens already stored
+A forward pass over the new tokens of B sequences, packed into N = sum(query_lens) tokens:
+
+    batch = cache.begin(seq_ids, query_lens, token_ids)  # room checked, positions, slots
     for layer in range(num_layers):
-        k, v = cache.update(layer, seq_ids, k_new, v_new)
-        # k_new, v_new: (B, Hkv, T, D), stored at positions lens[b] .. lens[b] + T - 1
-        # k, v: (B, Hkv, S, D), everything to attend to; S >= lens[b] + T, padded past it
-    cache.advance(seq_ids, T)                      # commit: lengths += T
+        cache.write(layer, batch, k_new, v_new)          # (N, Hkv, D) each, via slot_mapping
+        kv = cache.read(layer, batch)                    # DenseKV or PagedKV, no copy
+        out = backends.attend(q, kv, batch)              # (N, H, D)
+    cache.commit(batch)                                  # lengths += query_lens
+    # ... or, if anything failed: cache.abort(batch), and the cache is as it was
 
-NOTE: lengths move only in `advance`, after every layer has written, so all layers of one
-step write the same positions and a step that fails halfway commits nothing. Lengths are
-stored by the cache, never inferred from tensor contents.
+NOTE: lengths move only in `commit`, after every layer has written, so all layers of one step
+write the same positions and a step that fails halfway commits nothing. Lengths are stored
+by the cache, never inferred from tensor contents, and attention takes them from the cache
+(`context_lens`), never from query positions.
+
+Sequences have a lifecycle: `begin` admits a sequence the cache does not hold yet (room is
+checked before any compute), later steps extend it, `fork` shares it with a new id, and
+`release` frees it. A flat cache's ids are its batch slots; a paged cache's are any ints.
 
 A call that cannot be done (unknown sequence, no room, wrong shape, dtype or device) raises
 ValueError naming what was expected and what was given, and leaves the cache as it was.
+
+Worked example: two sequences holding 5 and 2 tokens feed 1 and 3 new tokens.
+
+>>> b = StepBatch.make([7, 9], starts=[5, 2], query_lens=[1, 3],
+...                    slot_mapping=torch.tensor([5, 18, 19, 20]), step=0)
+>>> b.positions.tolist(), b.context_lens.tolist(), b.cu_query_lens.tolist()
+([5, 2, 3, 4], [6, 5], [0, 1, 4])
+>>> b.token_rows.tolist()          # which sequence each packed token belongs to
+[0, 1, 1, 1]
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
 
+from kvlib.checks import require_int
+
+
+@dataclass(frozen=True)
+class StepBatch:
+    """One forward pass's new tokens, packed: N tokens of B sequences, in order.
+
+    A rectangular (B, T) batch is the special case where every query length is T.
+    """
+
+    seq_ids: tuple[int, ...]  # (B,) the sequences, as the cache names them
+    query_lens: torch.Tensor  # (B,) int64, CPU: new tokens per sequence, each >= 1
+    context_lens: torch.Tensor  # (B,) int64, CPU: keys per sequence once this step is stored
+    positions: torch.Tensor  # (N,) int64: absolute position of each new token
+    slot_mapping: torch.Tensor  # (N,) int64: where each new token's K and V are stored
+    step: int  # the cache's number for this step: writes and commits are checked against it
+
+    @staticmethod
+    def make(seq_ids: Sequence[int], starts: Sequence[int], query_lens: Sequence[int],
+             slot_mapping: torch.Tensor, step: int) -> StepBatch:
+        """Positions start[b] .. start[b] + query_lens[b] - 1 for each sequence b."""
+        starts_t = torch.as_tensor(list(starts), dtype=torch.int64)  # (B,)
+        lens_t = torch.as_tensor(list(query_lens), dtype=torch.int64)  # (B,)
+        cu = torch.zeros(len(lens_t) + 1, dtype=torch.int64)
+        cu[1:] = lens_t.cumsum(0)  # (B+1,)
+        rows = torch.repeat_interleave(torch.arange(len(lens_t)), lens_t)  # (N,)
+        offsets = torch.arange(int(cu[-1])) - cu[:-1][rows]  # (N,) index within its sequence
+        positions = (starts_t[rows] + offsets).to(slot_mapping.device)  # (N,)
+        return StepBatch(tuple(seq_ids), lens_t, starts_t + lens_t, positions,
+                         slot_mapping, step)
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.positions.shape[0]
+
+    @property
+    def cu_query_lens(self) -> torch.Tensor:
+        """(B+1,) int64 offsets: sequence b's tokens are packed rows cu[b] .. cu[b+1]-1."""
+        cu = torch.zeros(self.num_seqs + 1, dtype=torch.int64)
+        cu[1:] = self.query_lens.cumsum(0)
+        return cu
+
+    @property
+    def token_rows(self) -> torch.Tensor:
+        """(N,) int64: the batch row b of each packed token."""
+        return torch.repeat_interleave(torch.arange(self.num_seqs), self.query_lens)
+
+    @property
+    def uniform_len(self) -> int | None:
+        """T when every sequence feeds T tokens (a (B, T) rectangle), else None."""
+        first = int(self.query_lens[0])
+        return first if bool((self.query_lens == first).all()) else None
+
+
+@dataclass(frozen=True)
+class DenseKV:
+    """Keys and values as (B, Hkv, S, D) tensors, padded past each row's `context_lens`.
+
+    What a flat cache hands attention: views into its storage, any strides.
+    """
+
+    k: torch.Tensor  # (B, Hkv, S, D)
+    v: torch.Tensor  # (B, Hkv, S, D)
+    context_lens: torch.Tensor  # (B,) int64 on k's device: valid keys per row
+
+    def dense(self) -> DenseKV:
+        return self
+
+
+@dataclass(frozen=True)
+class PagedKV:
+    """One layer's block pool and the batch's block tables: attention reads blocks in place.
+
+    Token j of row b lives in block `block_tables[b, j // BS]`, at offset `j % BS`.
+    A sequence of 45 tokens in blocks of 16: two full blocks and 13 tokens in the third.
+    """
+
+    k_pool: torch.Tensor  # (NB, Hkv, BS, D): each block of one head is a contiguous tile
+    v_pool: torch.Tensor  # (NB, Hkv, BS, D)
+    block_tables: torch.Tensor  # (B, max_blocks) int32, padded with -1
+    context_lens: torch.Tensor  # (B,) int32 on the pool's device: valid keys per row
+
+    @property
+    def block_size(self) -> int:
+        return self.k_pool.shape[2]
+
+    def dense(self) -> DenseKV:
+        """Gather every row's blocks into contiguous (B, Hkv, S, D) tensors: the reference
+        path, and the copy that reading in place avoids."""
+        B, M = self.block_tables.shape
+        NB, Hkv, BS, D = self.k_pool.shape
+        S = int(self.context_lens.max())
+        tables = self.block_tables[:, :-(-S // BS)].long().clamp(min=0)  # (B, ceil(S/BS))
+        k = self.k_pool[tables]  # (B, nb, Hkv, BS, D)
+        v = self.v_pool[tables]
+        k = k.permute(0, 2, 1, 3, 4).reshape(B, Hkv, -1, D)[:, :, :S]  # (B, Hkv, S, D)
+        v = v.permute(0, 2, 1, 3, 4).reshape(B, Hkv, -1, D)[:, :, :S]
+        return DenseKV(k, v, self.context_lens.long())
+
+
+KVView = DenseKV | PagedKV
+
 
 @runtime_checkable
 class KVCache(Protocol):
-    """What the model needs from a KV cache. `seq_ids` name sequences, one per batch row."""
+    """What the model and the engine need from a KV cache."""
 
     @property
     def num_layers(self) -> int:
@@ -37,20 +163,136 @@ class KVCache(Protocol):
         ...
 
     def lengths(self, seq_ids: Sequence[int]) -> torch.Tensor:
-        """(B,) int64 on the CPU: tokens committed for each sequence."""
+        """(B,) int64 on the CPU: tokens committed for each sequence (0 if not held)."""
         ...
 
-    def update(
-        self, layer: int, seq_ids: Sequence[int], k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this layer's new keys and values (B, Hkv, T, D) after each sequence's
-        committed tokens; return (keys, values) to attend to, each (B, Hkv, S, D)."""
+    def begin(self, seq_ids: Sequence[int], query_lens: Sequence[int],
+              token_ids: torch.Tensor | None = None) -> StepBatch:
+        """Make room for `query_lens[b]` new tokens after each sequence's committed ones.
+
+        `token_ids` (N,), when given, lets a cache remember what its blocks hold (prefix
+        caching). Raises, changing nothing, when there is no room."""
         ...
 
-    def advance(self, seq_ids: Sequence[int], num_tokens: int) -> None:
-        """Commit `num_tokens` new tokens per sequence, once every layer has stored them."""
+    def write(self, layer: int, batch: StepBatch, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store this layer's new keys and values, (N, Hkv, D) each, at `batch.slot_mapping`."""
+        ...
+
+    def read(self, layer: int, batch: StepBatch) -> KVView:
+        """What attention reads for this layer: every key of the batch's sequences, new
+        ones included, in place."""
+        ...
+
+    def commit(self, batch: StepBatch) -> None:
+        """Lengths += query_lens, once every layer has written this step."""
+        ...
+
+    def abort(self, batch: StepBatch) -> None:
+        """Undo `begin`: the cache is as it was before it."""
+        ...
+
+    def fork(self, src: int, dst: int) -> None:
+        """Make `dst` a sequence with the same contents as `src` (which must be idle)."""
         ...
 
     def release(self, seq_ids: Sequence[int]) -> None:
         """Forget these sequences; their room becomes free for new ones."""
         ...
+
+
+class StepLedger:
+    """The bookkeeping of one open step, shared by every cache: which layers have written.
+
+    NOTE: one step is open at a time, and commit checks that every layer wrote it; a cache
+    that let a second `begin` in, or committed with a layer missing, would store keys of
+    different steps at the same positions.
+    """
+
+    def __init__(self, num_layers: int) -> None:
+        self.num_layers = num_layers
+        self.open_step: int | None = None
+        self._next_step = 0
+        self._written: set[int] = set()
+
+    def open(self) -> int:
+        """Open a new step and return its number; raises if one is already open."""
+        if self.open_step is not None:
+            raise ValueError(f"step {self.open_step} is still open: commit or abort it before "
+                             f"beginning another")
+        self.open_step, self._written = self._next_step, set()
+        self._next_step += 1
+        return self.open_step
+
+    def check(self, batch: StepBatch) -> None:
+        """`batch` must be the open step."""
+        if self.open_step is None or batch.step != self.open_step:
+            raise ValueError(f"batch of step {batch.step} is not the open step "
+                             f"({self.open_step}): begin a step before writing, and use its batch")
+
+    def wrote(self, layer: int) -> None:
+        self._written.add(layer)
+
+    def close(self, batch: StepBatch, *, complete: bool) -> None:
+        """End the open step; with `complete`, first check that every layer wrote it."""
+        self.check(batch)
+        missing = sorted(set(range(self.num_layers)) - self._written)
+        if complete and missing:
+            raise ValueError(f"cannot commit step {batch.step}: layers {missing} have not "
+                             f"written it; call write on every layer first")
+        self.open_step, self._written = None, set()
+
+    def require_idle(self, what: str) -> None:
+        if self.open_step is not None:
+            raise ValueError(f"cannot {what} while step {self.open_step} is open")
+
+
+def check_new_kv(k: torch.Tensor, v: torch.Tensor, num_tokens: int, num_kv_heads: int,
+                 head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
+    """New keys and values must be (N, Hkv, D) in the cache's dtype, on its device."""
+    for name, t in (("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a (N, Hkv, D) tensor, got {type(t).__name__}")
+        if tuple(t.shape) != (num_tokens, num_kv_heads, head_dim):
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, expected (N={num_tokens}, "
+                             f"Hkv={num_kv_heads}, D={head_dim})")
+        if t.dtype != dtype:
+            raise ValueError(f"{name} has dtype {t.dtype}, the cache stores {dtype}")
+        if not same_device(t.device, device):
+            raise ValueError(f"{name} is on {t.device}, the cache is on {device}")
+
+
+def check_query_lens(query_lens: Sequence[int], num_seqs: int) -> list[int]:
+    lens = list(query_lens)
+    if len(lens) != num_seqs:
+        raise ValueError(f"{len(lens)} query_lens for {num_seqs} sequences")
+    return [require_int("each query length", n, minimum=1) for n in lens]
+
+
+def same_device(a: torch.device, b: torch.device) -> bool:
+    """cuda and cuda:0 name the same device when the current device is 0."""
+    if a.type != b.type:
+        return False
+    index = torch.cuda.current_device() if a.type == "cuda" else 0
+    return (a.index if a.index is not None else index) == (b.index if b.index is not None
+                                                          else index)
+
+
+def append(cache: KVCache, seq_ids: Sequence[int], k: torch.Tensor, v: torch.Tensor) -> None:
+    """Store T new tokens per sequence in every layer in one step: k, v (L, B, Hkv, T, D).
+
+    What a forward pass does through the cache, without a model: tests, experiments and
+    chapters use it to fill a cache with known keys and values.
+    """
+    if k.dim() != 5 or k.shape != v.shape or k.shape[0] != cache.num_layers:
+        raise ValueError(f"k and v must be (L={cache.num_layers}, B, Hkv, T, D) of equal shape, "
+                         f"got {tuple(k.shape)} and {tuple(v.shape)}")
+    L, B, Hkv, T, D = k.shape
+    batch = cache.begin(seq_ids, [T] * B)
+    try:
+        for layer in range(L):
+            cache.write(layer, batch, k[layer].transpose(1, 2).reshape(B * T, Hkv, D),
+                        v[layer].transpose(1, 2).reshape(B * T, Hkv, D))  # (N, Hkv, D)
+        cache.commit(batch)
+    except BaseException:
+        cache.abort(batch)
+        raise

@@ -25,9 +25,18 @@ Worked example: in SEQ_MAJOR with Hkv = 2, D = 4, the key of head 1 at token 5 s
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 
+from kvlib.cache.contract import (
+    DenseKV,
+    StepBatch,
+    StepLedger,
+    check_new_kv,
+    check_query_lens,
+)
+from kvlib.checks import require_ids, require_int
 from kvlib.config import CacheConfig, Layout
 
 
@@ -43,9 +52,7 @@ class FlatKVCache:
         # NOTE: lengths live on the CPU so checks need no device sync; they are the only
         # truth about how much of `data` is in use (zeros are valid keys).
         self._lengths = torch.zeros(config.max_batch_size, dtype=torch.int64)  # (B,)
-        # Tokens stored per (layer, slot), committed or not, so `advance` can check that
-        # every layer wrote before lengths move.
-        self._stored = torch.zeros(config.num_layers, config.max_batch_size, dtype=torch.int64)
+        self._ledger = StepLedger(config.num_layers)
 
     # -- views --------------------------------------------------------------------------------
     @property
@@ -71,101 +78,92 @@ class FlatKVCache:
         rows = self._check_seq_ids(seq_ids)
         return self._lengths[rows].clone()  # (B,)
 
-    def update(
-        self, layer: int, seq_ids: Sequence[int], k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        self._check_layer(layer)
+    def begin(self, seq_ids: Sequence[int], query_lens: Sequence[int],
+              token_ids: torch.Tensor | None = None) -> StepBatch:
+        """Check room for the new tokens; slot = row * max_seq_len + position.
+
+        >>> cache = FlatKVCache(CacheConfig(num_layers=1, num_kv_heads=1, head_dim=2,
+        ...                                 max_batch_size=4, max_seq_len=10))
+        >>> cache.begin([2], [3]).slot_mapping.tolist()   # slot 2, positions 0..2
+        [20, 21, 22]
+        """
         rows = self._check_seq_ids(seq_ids)
-        self._check_new(k, v, len(rows))
-        T = k.shape[2]
+        lens = check_query_lens(query_lens, len(rows))
         starts = self._lengths[rows]  # (B,)
-        ends = starts + T
-        if int(ends.max()) > self.config.max_seq_len:
-            full = [s for s, e in zip(rows, ends.tolist()) if e > self.config.max_seq_len]
-            raise ValueError(
-                f"no room: writing {T} token(s) to slot(s) {full} (lengths "
-                f"{self._lengths[full].tolist()}) would pass max_seq_len "
-                f"{self.config.max_seq_len}"
-            )
-        # All checks passed; from here on nothing raises, so a failed call wrote nothing.
+        ends = starts + torch.tensor(lens)  # (B,)
+        S = self.config.max_seq_len
+        if int(ends.max()) > S:
+            full = [r for r, e in zip(rows, ends.tolist()) if e > S]
+            raise ValueError(f"no room: slot(s) {full} (lengths {self._lengths[full].tolist()}) "
+                             f"cannot take {lens} more token(s) within max_seq_len {S}")
+        step = self._ledger.open()
+        batch = StepBatch.make(rows, starts.tolist(), lens, torch.empty(0, dtype=torch.int64),
+                               step)
+        slots = torch.tensor(rows)[batch.token_rows] * S + batch.positions  # (N,)
+        return replace(batch, positions=batch.positions.to(self.config.device),
+                       slot_mapping=slots.to(self.config.device))
+
+    def write(self, layer: int, batch: StepBatch, k: torch.Tensor, v: torch.Tensor) -> None:
+        self._check_layer(layer)
+        self._ledger.check(batch)
+        cfg = self.config
+        check_new_kv(k, v, batch.num_tokens, cfg.num_kv_heads, cfg.head_dim, cfg.dtype,
+                     cfg.device)
+        rows = batch.slot_mapping // cfg.max_seq_len  # (N,)
+        pos = batch.slot_mapping % cfg.max_seq_len  # (N,)
+        # detach: the cache stores values, never autograd history
+        self.keys(layer)[rows, :, pos] = k.detach()  # (N, Hkv, D) into (B, Hkv, S, D)
+        self.values(layer)[rows, :, pos] = v.detach()
+        self._ledger.wrote(layer)
+
+    def read(self, layer: int, batch: StepBatch) -> DenseKV:
+        self._check_layer(layer)
+        self._ledger.check(batch)
+        rows = list(batch.seq_ids)
+        S = int(batch.context_lens.max())
         keys, values = self.keys(layer), self.values(layer)  # (B_max, Hkv, S_max, D)
-        for b, (row, start) in enumerate(zip(rows, starts.tolist())):
-            # detach: the cache stores values, never autograd history
-            keys[row, :, start:start + T] = k[b].detach()  # (Hkv, T, D)
-            values[row, :, start:start + T] = v[b].detach()
-        self._stored[layer, rows] = ends
-        S = int(ends.max())
+        lens = batch.context_lens.to(self.config.device)  # (B,)
         if rows == list(range(rows[0], rows[0] + len(rows))):  # consecutive slots: a view
             sl = slice(rows[0], rows[0] + len(rows))
-            return keys[sl, :, :S], values[sl, :, :S]  # (B, Hkv, S, D)
+            return DenseKV(keys[sl, :, :S], values[sl, :, :S], lens)  # (B, Hkv, S, D)
         index = torch.tensor(rows, device=keys.device)
-        return keys[index, :, :S], values[index, :, :S]  # (B, Hkv, S, D), gathered copy
+        return DenseKV(keys[index, :, :S], values[index, :, :S], lens)  # gathered copy
 
-    def advance(self, seq_ids: Sequence[int], num_tokens: int) -> None:
-        rows = self._check_seq_ids(seq_ids)
-        if not isinstance(num_tokens, int) or num_tokens < 1:
-            raise ValueError(f"num_tokens must be a positive int, got {num_tokens!r}")
-        target = self._lengths[rows] + num_tokens  # (B,)
-        stored = self._stored[:, rows]  # (L, B)
-        missing = (stored != target[None, :]).nonzero().tolist()
-        if missing:
-            layer, b = missing[0]
-            raise ValueError(
-                f"cannot advance slot {rows[b]} by {num_tokens}: layer {layer} stores "
-                f"{int(stored[layer, b])} token(s), expected {int(target[b])}; call update "
-                f"on every layer with the same new tokens first"
-            )
-        self._lengths[rows] = target
+    def commit(self, batch: StepBatch) -> None:
+        self._ledger.close(batch, complete=True)
+        self._lengths[list(batch.seq_ids)] = batch.context_lens
+
+    def abort(self, batch: StepBatch) -> None:
+        # Nothing to undo: writes past a slot's length are not part of it.
+        self._ledger.close(batch, complete=False)
+
+    def fork(self, src: int, dst: int) -> None:
+        """Copy slot `src`'s tokens into the empty slot `dst` (a flat cache cannot share)."""
+        self._ledger.require_idle("fork")
+        src_row, dst_row = self._check_seq_ids([src, dst])
+        if int(self._lengths[dst_row]):
+            raise ValueError(f"cannot fork into slot {dst}: it holds "
+                             f"{int(self._lengths[dst_row])} token(s); release it first")
+        n = int(self._lengths[src_row])
+        for layer in range(self.num_layers):
+            self.keys(layer)[dst_row, :, :n] = self.keys(layer)[src_row, :, :n]
+            self.values(layer)[dst_row, :, :n] = self.values(layer)[src_row, :, :n]
+        self._lengths[dst_row] = n
 
     def release(self, seq_ids: Sequence[int]) -> None:
         rows = self._check_seq_ids(seq_ids)
+        self._ledger.require_idle("release")
         self._lengths[rows] = 0
-        self._stored[:, rows] = 0
 
     # -- checks ------------------------------------------------------------------------------
     def _check_layer(self, layer: int) -> None:
-        if (not isinstance(layer, int) or isinstance(layer, bool)
-                or not 0 <= layer < self.config.num_layers):
-            raise ValueError(f"layer must be an int in [0, {self.config.num_layers}), "
-                             f"got {layer!r}")
+        require_int("layer", layer, minimum=0, maximum=self.config.num_layers - 1)
 
     def _check_seq_ids(self, seq_ids: Sequence[int]) -> list[int]:
-        rows = list(seq_ids)
+        rows = require_ids("seq_ids", seq_ids)
         B = self.config.max_batch_size
-        if not rows:
-            raise ValueError("seq_ids is empty: name at least one batch slot")
-        for s in rows:
-            if not isinstance(s, int) or isinstance(s, bool) or not 0 <= s < B:
-                raise ValueError(f"batch index {s!r} out of range for a cache with "
-                                 f"max_batch_size {B} (valid: 0..{B - 1})")
-        if len(set(rows)) != len(rows):
-            raise ValueError(f"seq_ids has duplicates: {rows}")
+        bad = [s for s in rows if s >= B]
+        if bad:
+            raise ValueError(f"batch slot(s) {bad} out of range for a cache with "
+                             f"max_batch_size {B} (valid: 0..{B - 1})")
         return rows
-
-    def _check_new(self, k: torch.Tensor, v: torch.Tensor, batch: int) -> None:
-        cfg = self.config
-        for name, t in (("k", k), ("v", v)):
-            if not isinstance(t, torch.Tensor) or t.dim() != 4:
-                got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-                raise ValueError(f"{name} must be a (B, Hkv, T, D) tensor, got {got}")
-            expected = (batch, cfg.num_kv_heads, t.shape[2], cfg.head_dim)
-            if tuple(t.shape) != expected or t.shape[2] < 1:
-                raise ValueError(
-                    f"{name} has shape {tuple(t.shape)}, expected (B={batch}, "
-                    f"Hkv={cfg.num_kv_heads}, T>=1, D={cfg.head_dim})"
-                )
-            if t.dtype != cfg.dtype:
-                raise ValueError(f"{name} has dtype {t.dtype}, the cache stores {cfg.dtype}")
-            if not _same_device(t.device, cfg.device):
-                raise ValueError(f"{name} is on {t.device}, the cache is on {cfg.device}")
-        if k.shape != v.shape:
-            raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} differ in shape")
-
-
-def _same_device(a: torch.device, b: torch.device) -> bool:
-    """cuda and cuda:0 name the same device when the current device is 0."""
-    if a.type != b.type:
-        return False
-    index = torch.cuda.current_device() if a.type == "cuda" else 0
-    return (a.index if a.index is not None else index) == (b.index if b.index is not None
-                                                          else index)

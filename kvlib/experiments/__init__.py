@@ -17,6 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from kvlib.attention import decode_attention
 from kvlib.bench import Timing, measure, progress
+from kvlib.cache.contract import append
 from kvlib.cache.flat import FlatKVCache
 from kvlib.config import CacheConfig, Layout, ModelConfig
 from kvlib.model import TransformerLM
@@ -94,11 +95,9 @@ def filled_flat_cache(config: CacheConfig, context_lens: Sequence[int],
     for slot, n in enumerate(context_lens):
         if n == 0:
             continue
-        for layer in range(config.num_layers):
-            k, v = (torch.randn(1, shape[0], n, shape[1], generator=gen)
-                    .to(config.dtype).to(config.device) for _ in range(2))  # (1, Hkv, n, D)
-            cache.update(layer, [slot], k, v)
-        cache.advance([slot], n)
+        k, v = (torch.randn(config.num_layers, 1, shape[0], n, shape[1], generator=gen)
+                .to(config.dtype).to(config.device) for _ in range(2))  # (L, 1, Hkv, n, D)
+        append(cache, [slot], k, v)
     return cache
 
 
@@ -231,7 +230,7 @@ def time_contiguous_copy(layout: Layout, *, context_len: int, batch_size: int = 
 def time_append(layout: Layout, *, max_seq_len: int = 4096, batch_size: int = 4,
                 num_kv_heads: int = 8, head_dim: int = 128, dtype: torch.dtype = torch.float32,
                 device: str = "cpu", warmup: int = 2, repeats: int = 7) -> Timing:
-    """Time appending one token per sequence to a one-layer flat cache: `update` + `advance`.
+    """Time appending one token per sequence to a one-layer flat cache: begin, write, commit.
 
     Each call writes one new token's K and V for every head of `batch_size` slots, at the next
     position: in SEQ_MAJOR one run of 2 * Hkv * D elements per slot; in HEAD_MAJOR 2 * Hkv
@@ -243,15 +242,11 @@ def time_append(layout: Layout, *, max_seq_len: int = 4096, batch_size: int = 4,
                                     max_batch_size=batch_size, max_seq_len=max_seq_len,
                                     dtype=dtype, device=torch.device(device), layout=layout))
     gen = torch.Generator().manual_seed(0)
-    k, v = (torch.randn(batch_size, num_kv_heads, 1, head_dim, generator=gen)
-            .to(dtype).to(device) for _ in range(2))  # (B, Hkv, 1, D)
+    k, v = (torch.randn(1, batch_size, num_kv_heads, 1, head_dim, generator=gen)
+            .to(dtype).to(device) for _ in range(2))  # (L=1, B, Hkv, T=1, D)
     seq_ids = list(range(batch_size))
-
-    def append() -> None:
-        cache.update(0, seq_ids, k, v)
-        cache.advance(seq_ids, 1)
-
-    return measure(append, warmup=warmup, repeats=repeats, device=device)
+    return measure(lambda: append(cache, seq_ids, k, v), warmup=warmup, repeats=repeats,
+                   device=device)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,106 @@
+"""Attention backends: the one place that decides how a layer attends over what a cache holds.
+
+The model computes packed queries (N, H, D) and asks the cache to `read` a layer; what comes
+back is a `DenseKV` (flat caches: views) or a `PagedKV` (block pool and block tables). A
+backend turns (queries, view, batch) into the attention output. Each is a plain function
+registered by name in `BACKENDS`, so a chapter switches the model's attention in one line
+(`model.attention = "chunked"`) without a copy of the model:
+
+    reference   gathers a paged view into dense tensors, then `attention.attention`
+                (materialises scores; the thing every fast path is tested against)
+    sdpa        torch's scaled_dot_product_attention on dense tensors
+    fast        the fastest path for the view kind on this device: paged decode reads the
+                blocks in place (`cache.paged_decode`); anything else falls back to sdpa
+
+Other modules add theirs with `register` (the chunked flash-style path, the Triton kernels).
+Legend: N packed tokens, B sequences, T new tokens per sequence, H query heads, Hkv KV
+heads, D head dim, S keys.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch.nn import functional as F
+
+from kvlib.attention import attention
+from kvlib.cache.contract import DenseKV, KVView, PagedKV, StepBatch
+
+Backend = Callable[[torch.Tensor, KVView, StepBatch], torch.Tensor]
+BACKENDS: dict[str, Backend] = {}
+
+
+def register(name: str, fn: Backend) -> Backend:
+    """Make `fn(q (N, H, D), kv, batch) -> (N, H, D)` selectable as `name`."""
+    BACKENDS[name] = fn
+    return fn
+
+
+def attend(q: torch.Tensor, kv: KVView, batch: StepBatch, backend: str = "reference",
+           ) -> torch.Tensor:
+    """Attention of the batch's packed queries (N, H, D) over `kv`; returns (N, H, D)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; known: {sorted(BACKENDS)}")
+    if q.dim() != 3 or q.shape[0] != batch.num_tokens:
+        raise ValueError(f"q must be (N={batch.num_tokens}, H, D), got {tuple(q.shape)}")
+    return BACKENDS[backend](q, kv, batch)
+
+
+def _per_sequence(q: torch.Tensor, dense: DenseKV, batch: StepBatch,
+                  fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Run `fn(q (B, H, T, D), k, v, q_positions (B, T), kv_lens (B,))` on rectangles.
+
+    A (B, T) batch is one call; a ragged batch is one call per sequence.
+    """
+    N, H, D = q.shape
+    T = batch.uniform_len
+    if T is not None:
+        B = batch.num_seqs
+        qb = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        out = fn(qb, dense.k, dense.v, batch.positions.view(B, T), dense.context_lens)
+        return out.transpose(1, 2).reshape(N, H, D)
+    outs = []
+    cu = batch.cu_query_lens.tolist()
+    for b in range(batch.num_seqs):
+        n = int(dense.context_lens[b])
+        qb = q[cu[b]:cu[b + 1]].transpose(0, 1)[None]  # (1, H, T_b, D)
+        kb, vb = dense.k[b:b + 1, :, :n], dense.v[b:b + 1, :, :n]  # (1, Hkv, n, D)
+        out = fn(qb, kb, vb, batch.positions[cu[b]:cu[b + 1]][None], dense.context_lens[b:b + 1])
+        outs.append(out[0].transpose(0, 1))  # (T_b, H, D)
+    return torch.cat(outs)  # (N, H, D)
+
+
+def reference(q: torch.Tensor, kv: KVView, batch: StepBatch) -> torch.Tensor:
+    """Gather (if paged), then the plain masked-softmax attention of `kvlib.attention`."""
+    return _per_sequence(q, kv.dense(), batch, attention)
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_positions: torch.Tensor,
+          kv_lens: torch.Tensor) -> torch.Tensor:
+    S = k.shape[2]
+    keys = torch.arange(S, device=q.device)  # (S,)
+    mask = (keys <= q_positions[:, :, None]) & (keys < kv_lens[:, None, None])  # (B, T, S)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None],
+                                          enable_gqa=True)  # (B, H, T, D)
+
+
+def sdpa(q: torch.Tensor, kv: KVView, batch: StepBatch) -> torch.Tensor:
+    """torch's fused attention on dense tensors (a paged view is gathered first)."""
+    return _per_sequence(q, kv.dense(), batch, _sdpa)
+
+
+def fast(q: torch.Tensor, kv: KVView, batch: StepBatch) -> torch.Tensor:
+    """Paged decode reads blocks in place; everything else goes to sdpa."""
+    if isinstance(kv, PagedKV) and batch.uniform_len == 1:
+        from kvlib.cache.paged_decode import paged_decode_attention
+
+        return paged_decode_attention(q, kv.k_pool, kv.v_pool, kv.block_tables,
+                                      kv.context_lens)  # (B, H, D) = (N, H, D)
+    return sdpa(q, kv, batch)
+
+
+register("reference", reference)
+register("sdpa", sdpa)
+register("fast", fast)
