@@ -99,3 +99,49 @@ def draw_cache_fill(ax: Axes, prompt_len: int, cached_len: int, max_seq_len: int
     if legend:
         ax.legend(fontsize=7, loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=3,
                   frameon=False)
+
+
+STEP_PARTS = ("projection", "attention", "mlp", "lm_head")
+
+
+def step_cost_range(presets: Mapping[str, ModelConfig],
+                    context_lens: Sequence[int]) -> tuple[float, float]:
+    """The smallest and largest FLOPs `draw_step_cost_bars` draws over these models and
+    contexts: shared x limits, so every state of a widget compares like with like."""
+    values = [
+        value
+        for cfg in presets.values() for s in context_lens for cached in (False, True)
+        for cost in [analysis.decode_step_cost(cfg, s, cached=cached)]
+        for value in (*(getattr(cost, f"{p}_flops") for p in STEP_PARTS), cost.total_flops)
+    ]
+    return min(values), max(values)
+
+
+def draw_step_cost_bars(ax: Axes, cfg: ModelConfig, context_len: int,
+                        xlim: tuple[float, float] | None = None) -> None:
+    """One decode step's FLOPs by part, without and with a cache, as grouped bars on a log
+    axis (stacking on a log axis would mislead). S = `context_len` tokens are cached.
+
+    The legend sits below the axes, clear of the bars; `xlim` fixes the axis (see
+    `step_cost_range`).
+    """
+    costs = {c: analysis.decode_step_cost(cfg, context_len, cached=c) for c in (False, True)}
+    rows = [*STEP_PARTS, "total"]
+    for offset, cached in ((-0.2, False), (0.2, True)):
+        flops = [getattr(costs[cached], f"{p}_flops") for p in STEP_PARTS]
+        flops.append(costs[cached].total_flops)
+        ax.barh([i + offset for i in range(len(rows))], flops, height=0.4,
+                color=COLORS["cached" if cached else "uncached"],
+                label="with cache" if cached else "without cache")
+    ax.set_yticks(range(len(rows)), rows)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    if xlim is not None:
+        ax.set_xlim(xlim[0] / 2, xlim[1] * 2)
+    ax.set_xlabel("FLOPs for one new token (log scale)")
+    ratio = costs[False].total_flops / costs[True].total_flops
+    ax.set_title(f"{cfg.name}, S = {context_len:,} cached: {ratio:,.0f}x fewer FLOPs with a "
+                 f"cache\n(the score-count claim says {context_len + 1:,}x)", fontsize=9)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.28), ncol=2,
+              frameon=False)  # below the x label, never over a bar
+    ax.grid(True, axis="x", which="major", alpha=0.3)
