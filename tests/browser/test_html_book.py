@@ -240,6 +240,20 @@ READ_LIVE_WIDGET = """
 """
 
 
+# Runs in the page: how many live widgets the page's saved widget state holds.
+SAVED_LIVE_WIDGETS = """
+() => {
+  let count = 0;
+  for (const s of document.querySelectorAll('script[type="application/vnd.jupyter.widget-state+json"]')) {
+    for (const model of Object.values(JSON.parse(s.textContent).state || {})) {
+      if ((model.state._dom_classes || []).includes("kv-live")) count += 1;
+    }
+  }
+  return count;
+}
+"""
+
+
 def _expected_label(controls: list[dict]) -> str:
     """What kvlib.widgets.live.state_label writes for the values the controls show."""
     return " · ".join(f"{c['name']} = {c['value']}" for c in controls)
@@ -329,12 +343,18 @@ def test_every_control_of_every_widget_shows_the_state_it_names(browser, page_na
         except PlaywrightTimeout:  # test_page_renders_offline names what did not render
             pass
         widgets = page.locator(LIVE_WIDGET)
-        problems = []
+        problems, moves = [], 0
+        saved = page.evaluate(SAVED_LIVE_WIDGETS)
+        if widgets.count() != saved:  # a widget that is not on the page cannot be moved
+            problems.append(f"{saved} live widgets in the saved widget state, "
+                            f"{widgets.count()} on the page")
         for i in range(widgets.count()):
             widget = widgets.nth(i)
             widget.scroll_into_view_if_needed()
-            found, _ = move_every_control(page, widget)
+            found, n = move_every_control(page, widget)
+            moves += n
             problems += [f"widget {i + 1}: {p}" for p in found]
+        print(f"{page_name}: {widgets.count()} live widgets, {moves} moves")
     finally:
         context.close()
     if problems:
