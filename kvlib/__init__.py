@@ -1,18 +1,20 @@
 """kvlib: the small library under the KV-Cache Book.
 
-One concept per module: `config` (shapes), `attention` (reference attention), `cache`
-(the cache contract and its implementations), `model` (a Llama-style decoder), `sampling`,
+One concept per module: `config` (shapes), `checks` (input validation), `attention`
+(reference attention), `backends` (how attention runs: reference, SDPA, fast paths), `cache`
+(the cache contract; flat and paged caches, the block allocator), `kernels` (fast paths
+beside their references), `model` (a Llama-style decoder), `sampling`,
 `analysis` (memory, FLOP and roofline formulas, real model presets), `bench` (timing),
 `experiments` (the measurements chapters share), `viz` and `widgets` (for the chapters).
 """
 
-from kvlib.cache import FlatKVCache, KVCache
+from kvlib.cache import FlatKVCache, KVCache, PagedKVCache
 from kvlib.config import CacheConfig, Layout, ModelConfig
 from kvlib.model import Generation, MultiHeadAttention, TransformerBlock, TransformerLM
 from kvlib.sampling import SamplingParams
 
 __all__ = [
     "CacheConfig", "FlatKVCache", "Generation", "KVCache", "Layout", "ModelConfig",
-    "MultiHeadAttention", "SamplingParams", "TransformerBlock", "TransformerLM",
+    "MultiHeadAttention", "PagedKVCache", "SamplingParams", "TransformerBlock", "TransformerLM",
 ]
 __version__ = "0.1.0"

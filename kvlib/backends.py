@@ -94,7 +94,7 @@ def sdpa(q: torch.Tensor, kv: KVView, batch: StepBatch) -> torch.Tensor:
 def fast(q: torch.Tensor, kv: KVView, batch: StepBatch) -> torch.Tensor:
     """Paged decode reads blocks in place; everything else goes to sdpa."""
     if isinstance(kv, PagedKV) and batch.uniform_len == 1:
-        from kvlib.cache.paged_decode import paged_decode_attention
+        from kvlib.kernels.paged_decode_cpu import paged_decode_attention
 
         return paged_decode_attention(q, kv.k_pool, kv.v_pool, kv.block_tables,
                                       kv.context_lens)  # (B, H, D) = (N, H, D)

@@ -245,11 +245,13 @@ class TransformerLM(nn.Module):
         """
         return self.lm_head(self.hidden_states(tokens, cache, seq_ids)[:, -1]).float()
 
+    @torch.no_grad()
     def prefill(self, prompt: torch.Tensor, cache: KVCache,
                 seq_ids: Sequence[int] | None = None) -> torch.Tensor:
         """Store the prompt's (B, P) keys and values in `cache`; (B, V) logits of its end."""
         return self.next_token_logits(prompt, cache, seq_ids)
 
+    @torch.no_grad()
     def decode_step(self, tokens: torch.Tensor, cache: KVCache,
                     seq_ids: Sequence[int] | None = None) -> torch.Tensor:
         """Feed one new token per sequence, (B,), through the cache; (B, V) next logits."""

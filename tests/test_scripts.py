@@ -37,3 +37,13 @@ def test_incremental_bench_ends_with_json_speedups():
         ratio = last["uncached_ms"][s] / last["cached_ms"][s]
         assert abs(ratio - last["speedup_by_len"][s]) <= 0.01 * ratio + 0.01
     assert last["device"].startswith("cpu")
+
+
+def test_paged_decode_bench_ends_with_json_ratios():
+    out = _run("bench/paged_decode.py", "--quick")
+    last = json.loads(out.strip().splitlines()[-1])
+    for name in ("paged", "gather", "flat", "sdpa"):
+        assert last[f"{name}_ms"] > 0
+    assert abs(last["paged_over_sdpa"] - last["paged_ms"] / last["sdpa_ms"]) < 0.01 * last[
+        "paged_over_sdpa"] + 0.002
+    assert last["paged_over_flat"] > 0 and last["gather_over_sdpa"] > 0

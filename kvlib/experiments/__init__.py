@@ -148,7 +148,10 @@ class TensorCopy:
         return math.prod(self.shape) // run
 
 
-_COPY_OPS = ("aten.clone", "aten.copy_", "aten._to_copy")
+# Ops that write tensor data somewhere new: copies, and gathers by index (a paged cache
+# gathered into contiguous tensors shows up as aten.index).
+_COPY_OPS = ("aten.clone", "aten.copy_", "aten._to_copy", "aten.index", "aten.index_select",
+             "aten.gather")
 
 
 class _CopyRecorder(TorchDispatchMode):
