@@ -3,9 +3,14 @@
 # `chromium` through Playwright, which never downloads a browser. When it is missing, install
 # it with apt if this user can (root, apt-get present); otherwise stop at once, before any
 # other step runs, printing the one command that installs it.
+# CHROMIUM names the executable to look for (tests set it; default: chromium).
 set -eu
 
-if command -v chromium >/dev/null 2>&1 || [ -x /usr/bin/chromium ]; then
+CHROMIUM="${CHROMIUM:-chromium}"
+if command -v "$CHROMIUM" >/dev/null 2>&1; then
+  exit 0
+fi
+if [ "$CHROMIUM" = chromium ] && [ -x /usr/bin/chromium ]; then
   exit 0
 fi
 if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
