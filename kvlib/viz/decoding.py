@@ -58,7 +58,7 @@ def plot_step_costs(ax: Axes, cfg: ModelConfig, context_lens: Sequence[int]) -> 
                     ls=styles[part], label=f"{label}: {part.removesuffix('_flops')}")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
-    ax.set_xlabel("context length S (tokens already in the sequence)")
+    ax.set_xlabel("S, tokens already cached (the step attends over S + 1 keys)")
     ax.set_ylabel("FLOPs for one new token")
     ax.set_title(f"cost of one decode step ({cfg.name})", fontsize=10)
     ax.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(0.0, -0.14))  # below
