@@ -1,7 +1,8 @@
 """kvlib: the small library under the KV-Cache Book.
 
 One concept per module: `config` (shapes), `checks` (input validation), `attention`
-(reference attention), `backends` (how attention runs: reference, SDPA, fast paths), `cache`
+(reference attention), `flash` (chunked attention with online softmax, split-KV decoding),
+`backends` (how attention runs: reference, SDPA, chunked, fast paths), `cache`
 (the cache contract; flat and paged caches, the block allocator), `kernels` (fast paths
 beside their references), `model` (a Llama-style decoder), `sampling`,
 `analysis` (memory, FLOP and roofline formulas, real model presets), `bench` (timing),

@@ -11,8 +11,10 @@ registered by name in `BACKENDS`, so a chapter switches the model's attention in
     sdpa        torch's scaled_dot_product_attention on dense tensors
     fast        the fastest path for the view kind on this device: paged decode reads the
                 blocks in place (`cache.paged_decode`); anything else falls back to sdpa
+    chunked     `flash.chunked`: online softmax over tiles of keys (prefill) and split-KV
+                decoding, in plain torch; dense or paged views, read in place
 
-Other modules add theirs with `register` (the chunked flash-style path, the Triton kernels).
+Other modules add theirs with `register` (the Triton kernels).
 Legend: N packed tokens, B sequences, T new tokens per sequence, H query heads, Hkv KV
 heads, D head dim, S keys.
 """
@@ -24,6 +26,7 @@ from collections.abc import Callable
 import torch
 from torch.nn import functional as F
 
+from kvlib import flash
 from kvlib.attention import attention
 from kvlib.cache.contract import DenseKV, KVView, PagedKV, StepBatch
 
@@ -104,3 +107,4 @@ def fast(q: torch.Tensor, kv: KVView, batch: StepBatch) -> torch.Tensor:
 register("reference", reference)
 register("sdpa", sdpa)
 register("fast", fast)
+register("chunked", flash.chunked)

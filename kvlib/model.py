@@ -196,6 +196,8 @@ class TransformerLM(nn.Module):
                              f"{tuple(token_ids.shape)} of {token_ids.dtype}")
         self._check_vocab(token_ids)
         lens = check_query_lens(query_lens, len(query_lens))
+        if not lens:
+            raise ValueError("query_lens is empty: a step feeds at least one sequence")
         if sum(lens) != token_ids.shape[0]:
             raise ValueError(f"query_lens {lens} sum to {sum(lens)}, but {token_ids.shape[0]} "
                              f"tokens were given")

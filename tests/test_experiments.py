@@ -113,7 +113,8 @@ def test_decode_timings_keys_and_repeats():
 # -- filled flat cache ---------------------------------------------------------------------------
 
 class RecordingCache(FlatKVCache):
-    """A FlatKVCache that remembers every (layer, seq_ids, k, v) written to it."""
+    """A FlatKVCache that remembers every write: (layer, seq_ids, positions, k, v), with
+    k and v the packed (N, Hkv, D) new keys and values and positions (N,) where they go."""
 
     instances: ClassVar[list[RecordingCache]] = []
 
@@ -122,9 +123,11 @@ class RecordingCache(FlatKVCache):
         self.writes = []
         RecordingCache.instances.append(self)
 
-    def update(self, layer, seq_ids, k, v):
-        self.writes.append((layer, list(seq_ids), k.clone(), v.clone()))
-        return super().update(layer, seq_ids, k, v)
+    def write(self, layer, batch, k, v):
+        seq_rows = torch.tensor(batch.seq_ids)[batch.token_rows]  # (N,) slot of each token
+        self.writes.append((layer, seq_rows.tolist(), batch.positions.tolist(), k.clone(),
+                            v.clone()))
+        return super().write(layer, batch, k, v)
 
 
 @pytest.fixture
@@ -138,12 +141,14 @@ def recording_cache(monkeypatch):
 def test_filled_flat_cache_holds_what_was_written(layout, recording_cache):
     cache = ex.filled_flat_cache(small_config(layout), [5, 0, 8], seed=1)
     assert cache.lengths([0, 1, 2]).tolist() == [5, 0, 8]
-    for layer, (slot,), k, v in cache.writes:
-        n = k.shape[2]
-        torch.testing.assert_close(cache.keys(layer)[slot, :, :n], k[0], rtol=0, atol=0)
-        torch.testing.assert_close(cache.values(layer)[slot, :, :n], v[0], rtol=0, atol=0)
-    written = {(layer, slot) for layer, (slot,), _, _ in cache.writes}
-    assert written == {(layer, slot) for layer in range(2) for slot in (0, 2)}
+    for layer, slots, positions, k, v in cache.writes:
+        for i, (slot, pos) in enumerate(zip(slots, positions)):
+            torch.testing.assert_close(cache.keys(layer)[slot, :, pos], k[i], rtol=0, atol=0)
+            torch.testing.assert_close(cache.values(layer)[slot, :, pos], v[i], rtol=0, atol=0)
+    written = {(layer, slot, pos) for layer, slots, positions, _, _ in cache.writes
+               for slot, pos in zip(slots, positions)}
+    assert written == {(layer, slot, pos) for layer in range(2) for slot, n in ((0, 5), (2, 8))
+                       for pos in range(n)}
     assert not cache.keys(0)[1].any() and not cache.keys(1)[0, :, 5:].any()  # untouched: zero
     again = ex.filled_flat_cache(small_config(layout), [5, 0, 8], seed=1)
     assert torch.equal(again.data, cache.data)  # seeded
@@ -290,10 +295,11 @@ def test_time_append_appends_one_token_per_call(layout, recording_cache):
     assert len(result.times_s) == 3
     (cache,) = recording_cache
     assert cache.config.layout is layout and cache.lengths([0, 1]).tolist() == [4, 4]
-    _, _, k, v = cache.writes[0]  # the same new token every call
+    _, slots, _, k, v = cache.writes[0]  # the same new token every call, (N=B, Hkv, D)
+    assert slots == [0, 1] and [w[2] for w in cache.writes] == [[t, t] for t in range(4)]
     for t in range(4):
-        assert torch.equal(cache.keys(0)[:, :, t], k[:, :, 0])
-        assert torch.equal(cache.values(0)[:, :, t], v[:, :, 0])
+        assert torch.equal(cache.keys(0)[:, :, t], k)
+        assert torch.equal(cache.values(0)[:, :, t], v)
     assert not cache.keys(0)[:, :, 4:].any()
 
 

@@ -47,3 +47,17 @@ def test_paged_decode_bench_ends_with_json_ratios():
     assert abs(last["paged_over_sdpa"] - last["paged_ms"] / last["sdpa_ms"]) < 0.01 * last[
         "paged_over_sdpa"] + 0.002
     assert last["paged_over_flat"] > 0 and last["gather_over_sdpa"] > 0
+
+
+def test_flash_bench_ends_with_json_peak_bytes_and_times():
+    out = _run("bench/flash.py", "--quick")
+    last = json.loads(out.strip().splitlines()[-1])
+    lens = last["seq_lens"]
+    assert lens == [64, 128, 256]
+    for key in ("peak_bytes_naive", "peak_bytes_chunked", "peak_bytes_sdpa", "ms_naive",
+                "ms_chunked", "ms_sdpa"):
+        assert len(last[key]) == len(lens) and all(x > 0 for x in last[key]), key
+    # The naive path holds 4 heads' (T, T) fp32 scores at least; chunked, far less at 256.
+    assert last["peak_bytes_naive"][-1] >= 4 * 256 * 256 * 4
+    assert last["peak_bytes_chunked"][-1] < last["peak_bytes_naive"][-1] / 4
+    assert last["device"].startswith("cpu")

@@ -136,12 +136,19 @@ class PagedKVCache:
         BS = self.block_size
         starts = [self._seqs[s].length if s in self._seqs else 0 for s in ids]
         need = 0
+        sharers: dict[int, int] = {}  # block id -> sharers in this step that write into it
         for s, start, n in zip(ids, starts, lens):
             if start + n > self.config.max_seq_len:
                 raise ValueError(f"no room: sequence {s} holds {start} token(s); {n} more would "
                                  f"pass max_seq_len {self.config.max_seq_len}")
             held = len(self._seqs[s].blocks) if s in self._seqs else 0
-            need += -(-(start + n) // BS) - held + self._needs_copy(s, start)
+            need += -(-(start + n) // BS) - held
+            if self._needs_copy(s, start):
+                # NOTE: each copy drops the shared block's ref count, so of the sharers that
+                # write in this step only the first ref_count - 1 copy; the last one keeps it.
+                last = self._seqs[s].blocks[-1]
+                sharers[last.block_id] = sharers.get(last.block_id, 0) + 1
+                need += sharers[last.block_id] < last.ref_count
         if need > self.allocator.num_free_blocks:
             raise ValueError(f"out of blocks: this step needs {need} new block(s), "
                              f"{self.allocator.num_free_blocks} of {self.num_blocks} are free")
