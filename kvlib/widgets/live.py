@@ -13,8 +13,8 @@ second control, and so on.
 runs `render(context=..., dtype=...)` 3 x 2 = 6 times. `render` returns a matplotlib Figure
 (shown as a PNG), a string of HTML, or any ipywidget. Every state is labelled with the values
 that made it ("context = 1,024 · dtype = fp8"), above its output, so a reader (and the book's
-browser check) can tell which state is shown. A figure or HTML state is one `HTML` widget
-(the PNG inlined as a data URL), the lightest a saved notebook can hold.
+browser check) can tell which state is shown: each state is a VBox of that label (an `HTML`
+widget) and the result (a figure as an `Image`, a string as `HTML`, a widget as itself).
 
 In the browser a `Stack` draws only its selected child, so exactly one label per widget is
 on the page at a time. The book's browser check (tests/browser) moves every control of every
@@ -78,17 +78,21 @@ def figure_html(fig: Figure, dpi: int = DPI) -> str:
     return f'<img src="data:image/png;base64,{data}" alt="figure" style="max-width: 100%">'
 
 
-def _state(values: dict[str, Any], result: Any, dpi: int) -> W.Widget:
-    """One state: its label (class STATE_CLASS) above `render`'s result."""
-    label = (f'<div class="{STATE_CLASS}"><b>{html.escape(state_label(values))}</b></div>')
+def _as_widget(result: Any, values: dict[str, Any], dpi: int) -> W.Widget:
     if isinstance(result, Figure):
-        return W.HTML(label + figure_html(result, dpi))
+        return W.Image(value=figure_png(result, dpi), format="png")
     if isinstance(result, str):
-        return W.HTML(label + result)
+        return W.HTML(result)
     if isinstance(result, W.Widget):
-        return W.VBox([W.HTML(label), result])
+        return result
     raise TypeError(f"render must return a matplotlib Figure, an HTML string or a widget, "
                     f"got {type(result).__name__} for {state_label(values)}")
+
+
+def _state(values: dict[str, Any], result: Any, dpi: int) -> W.VBox:
+    """One state: a VBox of its label (class STATE_CLASS) and `render`'s result as a widget."""
+    label = W.HTML(f'<div class="{STATE_CLASS}"><b>{html.escape(state_label(values))}</b></div>')
+    return W.VBox([label, _as_widget(result, values, dpi)])
 
 
 def _control(name: str, options: Sequence[Any], kind: str, default: Any) -> W.Widget:
@@ -135,8 +139,9 @@ def live(render: Callable[..., Any], *, kinds: dict[str, str] | None = None,
     >>> outer = w.children[1]  # the first control picks an inner stack, the second a state
     >>> len(outer.children), len(outer.children[0].children)
     (3, 2)
-    >>> outer.children[2].children[1].value
-    '<div class="kv-live-state"><b>n = 4 · mode = b</b></div><p>4 b</p>'
+    >>> label, result = outer.children[2].children[1].children
+    >>> label.value, result.value
+    ('<div class="kv-live-state"><b>n = 4 · mode = b</b></div>', '<p>4 b</p>')
     """
     if not grid:
         raise ValueError("live needs at least one control: pass name=[values, ...]")
