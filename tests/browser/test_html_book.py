@@ -10,8 +10,8 @@ screenshot to _build/screenshots/<name>.png, and fails, naming the page, if:
   anything over the network (the book must work offline);
 - a notebook page has no Colab launch link to its own .ipynb;
 - the page weighs 5 MB or more.
-Then the reader's test: every widget made with `kvlib.widgets.live` (class `kv-live`) is
-moved through every value of every control as a reader would (keys on a slider, a choice in a
+Then the reader's test: every widget made with `kvlib.widgets.live` (found from its state
+labels, class `kv-live-state`) is moved through every value of every control as a reader would (keys on a slider, a choice in a
 dropdown, a click on a toggle button), and the test fails unless, after each move, the one
 visible state label (class `kv-live-state`) names exactly the values the controls show.
 Chromium is Debian's (`make test` installs it with apt when it can); Playwright never
@@ -46,7 +46,6 @@ WIDGET_VIEW = 'script[type="application/vnd.jupyter.widget-view+json"]'
 # stderr is shown as is (progress bars write there); these words make it an error.
 STDERR_ERROR = re.compile(r"Traceback|Error\b|Exception\b|Warning\b")
 MAX_PAGE_BYTES = 5 * 2**20
-LIVE_WIDGET = ".kv-live"  # kvlib.widgets.live.WIDGET_CLASS
 STATE_SETTLE_MS = 10_000  # how long a move may take to show its state
 
 
@@ -240,16 +239,40 @@ READ_LIVE_WIDGET = """
 """
 
 
-# Runs in the page: how many live widgets the page's saved widget state holds.
+# Runs in the page: how many live widgets the page's saved widget state holds. Each has one
+# outermost Stack (a Stack that is no other Stack's child).
 SAVED_LIVE_WIDGETS = """
 () => {
   let count = 0;
   for (const s of document.querySelectorAll('script[type="application/vnd.jupyter.widget-state+json"]')) {
-    for (const model of Object.values(JSON.parse(s.textContent).state || {})) {
-      if ((model.state._dom_classes || []).includes("kv-live")) count += 1;
+    const models = JSON.parse(s.textContent).state || {};
+    const stacks = Object.keys(models).filter((id) => models[id].model_name === "StackModel");
+    const inner = new Set();
+    for (const id of stacks) {
+      for (const child of models[id].state.children || []) inner.add(child.replace("IPY_MODEL_", ""));
     }
+    count += stacks.filter((id) => !inner.has(id)).length;
   }
   return count;
+}
+"""
+# Runs in the page: marks the root of every live widget on it with data-kv-live="i" and
+# returns how many. From each state label (a Stack draws only its selected child, so one per
+# widget) up through its state's VBox and the nested Stacks (boxes neither V nor H) to the
+# widget's VBox: the controls, then the outermost Stack.
+MARK_LIVE_WIDGETS = """
+() => {
+  const isStack = (e) => e.classList.contains("widget-box")
+    && !e.classList.contains("widget-vbox") && !e.classList.contains("widget-hbox");
+  const roots = [];
+  for (const label of document.querySelectorAll(".kv-live-state")) {
+    let e = label.closest(".widget-html").parentElement;  // the state's VBox
+    let top = null;
+    while (e.parentElement && isStack(e.parentElement)) { e = e.parentElement; top = e; }
+    if (top && !roots.includes(top.parentElement)) roots.push(top.parentElement);
+  }
+  roots.forEach((root, i) => root.setAttribute("data-kv-live", String(i)));
+  return roots.length;
 }
 """
 
@@ -342,19 +365,17 @@ def test_every_control_of_every_widget_shows_the_state_it_names(browser, page_na
             page.wait_for_function(WIDGETS_RENDERED, arg=WIDGET_VIEW, timeout=20_000, polling=250)
         except PlaywrightTimeout:  # test_page_renders_offline names what did not render
             pass
-        widgets = page.locator(LIVE_WIDGET)
         problems, moves = [], 0
-        saved = page.evaluate(SAVED_LIVE_WIDGETS)
-        if widgets.count() != saved:  # a widget that is not on the page cannot be moved
-            problems.append(f"{saved} live widgets in the saved widget state, "
-                            f"{widgets.count()} on the page")
-        for i in range(widgets.count()):
-            widget = widgets.nth(i)
+        saved, found = page.evaluate(SAVED_LIVE_WIDGETS), page.evaluate(MARK_LIVE_WIDGETS)
+        if found != saved:  # a widget that is not on the page cannot be moved
+            problems.append(f"{saved} live widgets in the saved widget state, {found} on the page")
+        for i in range(found):
+            widget = page.locator(f'[data-kv-live="{i}"]')
             widget.scroll_into_view_if_needed()
-            found, n = move_every_control(page, widget)
+            wrong, n = move_every_control(page, widget)
             moves += n
-            problems += [f"widget {i + 1}: {p}" for p in found]
-        print(f"{page_name}: {widgets.count()} live widgets, {moves} moves")
+            problems += [f"widget {i + 1}: {p}" for p in wrong]
+        print(f"{page_name}: {found} live widgets, {moves} moves")
     finally:
         context.close()
     if problems:
