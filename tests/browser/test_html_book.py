@@ -266,7 +266,8 @@ MARK_LIVE_WIDGETS = """
     && !e.classList.contains("widget-vbox") && !e.classList.contains("widget-hbox");
   const roots = [];
   for (const label of document.querySelectorAll(".kv-live-state")) {
-    let e = label.closest(".widget-html").parentElement;  // the state's VBox
+    let e = label.closest(".widget-html");  // the label, or the whole state if it is one HTML
+    if (e.parentElement && !isStack(e.parentElement)) e = e.parentElement;  // the state's VBox
     let top = null;
     while (e.parentElement && isStack(e.parentElement)) { e = e.parentElement; top = e; }
     if (top && !roots.includes(top.parentElement)) roots.push(top.parentElement);
