@@ -3,9 +3,10 @@
 One concept per module: `config` (shapes), `checks` (input validation), `attention`
 (reference attention), `flash` (chunked attention with online softmax, split-KV decoding),
 `backends` (how attention runs: reference, SDPA, chunked, fast paths), `cache`
-(the cache contract; flat and paged caches, the block allocator), `kernels` (fast paths
-beside their references), `model` (a Llama-style decoder), `sampling`,
-`analysis` (memory, FLOP and roofline formulas, real model presets), `bench` (timing),
+(the cache contract; flat, ring, paged and quantized caches, the block allocator), `kernels`
+(fast paths beside their references), `model` (a Llama-style decoder), `sampling`,
+`analysis` (memory, FLOP and roofline formulas, real model presets), `hf` (Hugging Face
+checkpoints of the Llama family, read from safetensors), `bench` (timing),
 `experiments` (the measurements chapters share), `viz` and `widgets` (for the chapters).
 """
 

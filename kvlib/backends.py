@@ -22,16 +22,20 @@ heads, D head dim, S keys.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch.nn import functional as F
 
 from kvlib import flash
-from kvlib.attention import attention
+from kvlib.attention import attention, attention_mask
 from kvlib.cache.contract import DenseKV, KVView, PagedKV, StepBatch
 
 Backend = Callable[[torch.Tensor, KVView, StepBatch], torch.Tensor]
 BACKENDS: dict[str, Backend] = {}
+# Backends that honour a view's sliding `window` and a ring's `key_start`; any other is
+# refused such a view rather than let attend to keys the layer must not see.
+WINDOWED_BACKENDS = {"reference", "sdpa", "fast"}
 
 
 def register(name: str, fn: Backend) -> Backend:
@@ -47,56 +51,63 @@ def attend(q: torch.Tensor, kv: KVView, batch: StepBatch, backend: str = "refere
         raise ValueError(f"unknown attention backend {backend!r}; known: {sorted(BACKENDS)}")
     if q.dim() != 3 or q.shape[0] != batch.num_tokens:
         raise ValueError(f"q must be (N={batch.num_tokens}, H, D), got {tuple(q.shape)}")
+    windowed = kv.window is not None or getattr(kv, "key_start", None) is not None
+    if windowed and backend not in WINDOWED_BACKENDS:
+        raise ValueError(f"backend {backend!r} does not implement sliding windows (this "
+                         f"layer's window: {kv.window}); use one of {sorted(WINDOWED_BACKENDS)}")
     return BACKENDS[backend](q, kv, batch)
 
 
 def _per_sequence(q: torch.Tensor, dense: DenseKV, batch: StepBatch,
-                  fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """Run `fn(q (B, H, T, D), k, v, q_positions (B, T), kv_lens (B,))` on rectangles.
+                  fn: Callable[..., torch.Tensor]) -> torch.Tensor:
+    """Run `fn(q (B, H, T, D), k, v, q_positions (B, T), kv_lens (B,), key_start=)` on
+    rectangles (`key_start` (B,) or None: see `DenseKV`).
 
     A (B, T) batch is one call; a ragged batch is one call per sequence.
     """
     N, H, D = q.shape
     T = batch.uniform_len
+    starts = dense.key_start
     if T is not None:
         B = batch.num_seqs
         qb = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
-        out = fn(qb, dense.k, dense.v, batch.positions.view(B, T), dense.context_lens)
+        out = fn(qb, dense.k, dense.v, batch.positions.view(B, T), dense.context_lens,
+                 key_start=starts)
         return out.transpose(1, 2).reshape(N, H, D)
     outs = []
     cu = batch.cu_query_lens.tolist()
     for b in range(batch.num_seqs):
-        n = int(dense.context_lens[b])
+        n = int(dense.context_lens[b]) - (0 if starts is None else int(starts[b]))  # keys held
         qb = q[cu[b]:cu[b + 1]].transpose(0, 1)[None]  # (1, H, T_b, D)
         kb, vb = dense.k[b:b + 1, :, :n], dense.v[b:b + 1, :, :n]  # (1, Hkv, n, D)
-        out = fn(qb, kb, vb, batch.positions[cu[b]:cu[b + 1]][None], dense.context_lens[b:b + 1])
+        out = fn(qb, kb, vb, batch.positions[cu[b]:cu[b + 1]][None], dense.context_lens[b:b + 1],
+                 key_start=None if starts is None else starts[b:b + 1])
         outs.append(out[0].transpose(0, 1))  # (T_b, H, D)
     return torch.cat(outs)  # (N, H, D)
 
 
 def reference(q: torch.Tensor, kv: KVView, batch: StepBatch) -> torch.Tensor:
     """Gather (if paged), then the plain masked-softmax attention of `kvlib.attention`."""
-    return _per_sequence(q, kv.dense(), batch, attention)
+    return _per_sequence(q, kv.dense(), batch, partial(attention, window=kv.window))
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_positions: torch.Tensor,
-          kv_lens: torch.Tensor) -> torch.Tensor:
+          kv_lens: torch.Tensor, window: int | None = None,
+          key_start: torch.Tensor | None = None) -> torch.Tensor:
     S = k.shape[2]
-    keys = torch.arange(S, device=q.device)  # (S,)
-    mask = (keys <= q_positions[:, :, None]) & (keys < kv_lens[:, None, None])  # (B, T, S)
+    mask = attention_mask(q_positions, kv_lens, S, window, key_start)  # (B, T, S)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None],
                                           enable_gqa=True)  # (B, H, T, D)
 
 
 def sdpa(q: torch.Tensor, kv: KVView, batch: StepBatch) -> torch.Tensor:
     """torch's fused attention on dense tensors (a paged view is gathered first)."""
-    return _per_sequence(q, kv.dense(), batch, _sdpa)
+    return _per_sequence(q, kv.dense(), batch, partial(_sdpa, window=kv.window))
 
 
 def fast(q: torch.Tensor, kv: KVView, batch: StepBatch) -> torch.Tensor:
     """Paged decode reads blocks in place; everything else goes to sdpa."""
-    if isinstance(kv, PagedKV) and batch.uniform_len == 1:
+    if isinstance(kv, PagedKV) and batch.uniform_len == 1 and kv.window is None:
         from kvlib.kernels.paged_decode_cpu import paged_decode_attention
 
         return paged_decode_attention(q, kv.k_pool, kv.v_pool, kv.block_tables,

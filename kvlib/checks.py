@@ -17,7 +17,7 @@ from collections.abc import Iterable
 
 
 def is_int(value: object) -> bool:
-    """True for Python ints (and numpy/torch integer scalars that index as ints), not bools."""
+    """True for Python ints, not bools (numpy and torch scalars are refused: pass int(x))."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 

@@ -51,6 +51,16 @@ class ModelConfig:
     `head_dim` defaults to `d_model // num_heads`; it may differ (some models decouple them).
     `num_kv_heads` below `num_heads` is grouped-query attention (one KV head per group of
     `queries_per_kv` query heads); `num_kv_heads == 1` is multi-query attention.
+
+    Switches some real families need: `qkv_bias` puts biases on the q, k and v projections
+    (Qwen2; o has none). `sliding_window` W makes a layer attend to its last W keys only (the
+    query's own included), on the layers in `sliding_layers`, or on every layer when that is
+    None (Mistral-7B v0.1); Gemma-2 alternates, windowed layers 0, 2, 4, ...
+
+    >>> cfg = ModelConfig(vocab_size=10, d_model=8, num_layers=4, num_heads=2, num_kv_heads=1,
+    ...                   sliding_window=16, sliding_layers=(0, 2))
+    >>> cfg.layer_windows
+    (16, None, 16, None)
     """
 
     vocab_size: int
@@ -64,6 +74,9 @@ class ModelConfig:
     norm_eps: float = 1e-5
     max_seq_len: int = 2048
     tie_embeddings: bool = False
+    qkv_bias: bool = False
+    sliding_window: int | None = None  # None: every layer attends to all earlier keys
+    sliding_layers: tuple[int, ...] | None = None  # layers with the window; None: all of them
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self) -> None:
@@ -91,6 +104,37 @@ class ModelConfig:
             value = getattr(self, name)
             _require(isinstance(value, int | float) and not isinstance(value, bool) and value > 0,
                      f"ModelConfig.{name} must be a number > 0, got {value!r}")
+        for name in ("tie_embeddings", "qkv_bias"):
+            _require(isinstance(getattr(self, name), bool),
+                     f"ModelConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        self._check_window()
+
+    def _check_window(self) -> None:
+        if self.sliding_window is not None:
+            _positive_int("ModelConfig", "sliding_window", self.sliding_window)
+        if self.sliding_layers is None:
+            return
+        _require(self.sliding_window is not None,
+                 f"ModelConfig.sliding_layers {self.sliding_layers!r} given without a "
+                 f"sliding_window")
+        layers = tuple(self.sliding_layers)
+        _require(all(isinstance(i, int) and not isinstance(i, bool)
+                     and 0 <= i < self.num_layers for i in layers)
+                 and len(set(layers)) == len(layers),
+                 f"ModelConfig.sliding_layers must be distinct layer indices in "
+                 f"[0, {self.num_layers}), got {self.sliding_layers!r}")
+        object.__setattr__(self, "sliding_layers", tuple(sorted(layers)))
+
+    def window(self, layer_idx: int) -> int | None:
+        """Keys layer `layer_idx` attends to at most (its window W), or None for all of them."""
+        if self.sliding_layers is None or layer_idx in self.sliding_layers:
+            return self.sliding_window
+        return None
+
+    @property
+    def layer_windows(self) -> tuple[int | None, ...]:
+        """`window(i)` for every layer i."""
+        return tuple(self.window(i) for i in range(self.num_layers))
 
     @property
     def queries_per_kv(self) -> int:

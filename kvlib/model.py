@@ -12,7 +12,7 @@ d model width, V vocabulary.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -60,9 +60,10 @@ class MultiHeadAttention(nn.Module):
         super().__init__()
         self.config, self.layer_idx = config, layer_idx
         d, H, Hkv, D = config.d_model, config.num_heads, config.num_kv_heads, config.head_dim
-        self.q_proj = nn.Linear(d, H * D, bias=False)
-        self.k_proj = nn.Linear(d, Hkv * D, bias=False)
-        self.v_proj = nn.Linear(d, Hkv * D, bias=False)
+        bias = config.qkv_bias  # Qwen2 has biases on q, k, v (never on o)
+        self.q_proj = nn.Linear(d, H * D, bias=bias)
+        self.k_proj = nn.Linear(d, Hkv * D, bias=bias)
+        self.v_proj = nn.Linear(d, Hkv * D, bias=bias)
         self.o_proj = nn.Linear(H * D, d, bias=False)
 
     def forward(self, x: torch.Tensor, batch: StepBatch, cache: KVCache | None,
@@ -83,6 +84,9 @@ class MultiHeadAttention(nn.Module):
         else:
             cache.write(self.layer_idx, batch, k, v)
             kv = cache.read(self.layer_idx, batch)  # past + new, read where it lies
+        window = cfg.window(self.layer_idx)
+        if window is not None:  # a sliding-window layer: keys W or more positions back hidden
+            kv = replace(kv, window=window)
         out = attend(q, kv, batch, backend)  # (N, H, D)
         return self.o_proj(out.reshape(N, H * D))  # (N, d)
 
@@ -157,13 +161,19 @@ class TransformerLM(nn.Module):
         # "fast", ...). One switch for the whole model; `attention` checks it on use.
         self.attention = "reference"
 
+    def cache_config(self, max_batch_size: int, max_seq_len: int, **kwargs) -> CacheConfig:
+        """A CacheConfig with this model's layers, KV heads, head dim, dtype and device,
+        for any cache kind: `PagedKVCache(model.cache_config(1, 4096), num_blocks=256)`."""
+        weight = self.embed.weight
+        kwargs = {"dtype": weight.dtype, "device": weight.device, **kwargs}
+        return CacheConfig.for_model(self.config, max_batch_size=max_batch_size,
+                                     max_seq_len=max_seq_len, **kwargs)
+
     def new_cache(self, batch_size: int, max_seq_len: int,
                   layout: Layout = Layout.SEQ_MAJOR) -> FlatKVCache:
-        """An empty flat cache with this model's shape, dtype and device."""
-        weight = self.embed.weight
-        return FlatKVCache(CacheConfig.for_model(
-            self.config, max_batch_size=batch_size, max_seq_len=max_seq_len,
-            dtype=weight.dtype, device=weight.device, layout=layout))
+        """An empty flat cache with this model's shape, dtype and device (other kinds take
+        `cache_config`)."""
+        return FlatKVCache(self.cache_config(batch_size, max_seq_len, layout=layout))
 
     def hidden_states(self, tokens: torch.Tensor, cache: KVCache | None = None,
                       seq_ids: Sequence[int] | None = None) -> torch.Tensor:
@@ -292,7 +302,9 @@ class TransformerLM(nn.Module):
             # NOTE: the sequences were empty before; emptying them again undoes a partial run
             # (e.g. a cache too small for the whole generation), so no half-written cache stays.
             if cache is not None:
-                cache.release(seq_ids)
+                held = [s for s, n in zip(seq_ids, cache.lengths(seq_ids).tolist()) if n]
+                if held:  # a paged cache refuses to release what it never admitted
+                    cache.release(held)
             raise
 
     def _generate(self, prompt: torch.Tensor, max_new_tokens: int, cache: KVCache | None,

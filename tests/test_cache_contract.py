@@ -18,7 +18,7 @@ import doctest
 import itertools
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import pytest
@@ -29,8 +29,16 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 import kvlib.cache.contract
 from kvlib.backends import BACKENDS, attend
-from kvlib.cache import FlatKVCache, KVCache, PagedKVCache
+from kvlib.cache import (
+    FlatKVCache,
+    KVCache,
+    KVQuantConfig,
+    PagedKVCache,
+    QuantizedKVCache,
+    QuantScheme,
+)
 from kvlib.cache.contract import StepBatch, append
+from kvlib.cache.quant_memory import PRESETS as QUANT_PRESETS
 from kvlib.config import CacheConfig, Layout
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -60,12 +68,32 @@ def paged(num_layers, num_kv_heads, head_dim, capacity, max_seqs, dtype, *, bloc
                         num_blocks=max_seqs * -(-capacity // block_size))
 
 
+def quantized(num_layers, num_kv_heads, head_dim, capacity, max_seqs, dtype, *, quant,
+              inner):
+    # The same rooms as `flat` or `paged`, holding codes and scales (kvlib.cache.quantized).
+    config = CacheConfig(num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                         max_batch_size=max_seqs, max_seq_len=capacity, dtype=dtype,
+                         block_size=4)
+    if inner == "paged":
+        config = replace(config, max_batch_size=1, max_seq_len=capacity * max_seqs)
+        return QuantizedKVCache(config, quant, lambda c: PagedKVCache(
+            c, num_blocks=max_seqs * -(-capacity // c.block_size)))
+    return QuantizedKVCache(config, quant)
+
+
+KIVI_G4 = KVQuantConfig(QuantScheme("int4", "channel", 4, symmetric=False),  # keys: per channel
+                        QuantScheme("int4", "token", symmetric=False), window=2)
 CACHE_KINDS: dict[str, Kind] = {
     "flat-seq-major": Kind(partial(flat, layout=Layout.SEQ_MAJOR)),
     "flat-head-major": Kind(partial(flat, layout=Layout.HEAD_MAJOR)),
     "paged-bs1": Kind(partial(paged, block_size=1)),
     "paged-bs3": Kind(partial(paged, block_size=3)),
     "paged-bs16": Kind(partial(paged, block_size=16)),
+    # atol: half a step of randn values, int8 per token (< 5 / 127 / 2) and int4 in groups
+    # of 4 tokens or one token's 4 channels ((max - min) / 15 / 2 < 0.5)
+    "quantized-int8-flat": Kind(partial(quantized, quant=QUANT_PRESETS["int8-token"],
+                                        inner="flat"), atol=0.05),
+    "quantized-kivi-paged": Kind(partial(quantized, quant=KIVI_G4, inner="paged"), atol=0.5),
 }
 NO_ROOM = r"no room|out of blocks"  # a sequence's limit, or a shared pool's
 

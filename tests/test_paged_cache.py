@@ -339,3 +339,23 @@ class PagedMachine(RuleBasedStateMachine):
 TestPagedInterleavings = PagedMachine.TestCase
 TestPagedInterleavings.settings = settings(max_examples=200, stateful_step_count=25,
                                            deadline=None)
+
+
+def test_generate_out_of_blocks_keeps_its_error_and_frees_everything(model):
+    cache = PagedKVCache(CacheConfig.for_model(TINY, max_batch_size=1, max_seq_len=256),
+                         num_blocks=3)
+    prompt = torch.arange(20)[None]
+    with pytest.raises(ValueError, match="out of blocks"):
+        model.generate(prompt, 40, cache=cache)  # 20 + 39 tokens need 4 blocks of 16
+    assert cache.seq_ids == [] and cache.allocator.num_free_blocks == 3
+    with pytest.raises(ValueError, match="out of blocks"):
+        model.generate(torch.arange(60)[None], 2, cache=cache)  # the prompt alone: 4 blocks
+    assert cache.seq_ids == [] and cache.allocator.num_free_blocks == 3
+
+
+def test_model_cache_config_fits_any_cache_kind(model):
+    cfg = model.cache_config(1, 128, block_size=8)
+    assert (cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, cfg.block_size, cfg.dtype) == (
+        TINY.num_layers, TINY.num_kv_heads, TINY.head_dim, 8, torch.float32)
+    cache = PagedKVCache(cfg, num_blocks=8)
+    assert model.generate(torch.arange(5)[None], 3, cache=cache).tokens.shape == (1, 3)

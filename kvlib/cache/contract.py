@@ -114,6 +114,10 @@ class DenseKV:
     k: torch.Tensor  # (B, Hkv, S, D)
     v: torch.Tensor  # (B, Hkv, S, D)
     context_lens: torch.Tensor  # (B,) int64 on k's device: valid keys per row
+    window: int | None = None  # sliding window W of the layer: keys p - W or older are hidden
+    # (B,) int64: position of key 0 per row, when the view starts past position 0 (a ring
+    # buffer's oldest kept key); None: key j is position j. context_lens stay positions.
+    key_start: torch.Tensor | None = None
 
     def dense(self) -> DenseKV:
         return self
@@ -131,6 +135,7 @@ class PagedKV:
     v_pool: torch.Tensor  # (NB, Hkv, BS, D)
     block_tables: torch.Tensor  # (B, max_blocks) int32, padded with -1
     context_lens: torch.Tensor  # (B,) int32 on the pool's device: valid keys per row
+    window: int | None = None  # sliding window W of the layer (see DenseKV)
 
     @property
     def block_size(self) -> int:
@@ -147,7 +152,7 @@ class PagedKV:
         v = self.v_pool[tables]
         k = k.permute(0, 2, 1, 3, 4).reshape(B, Hkv, -1, D)[:, :, :S]  # (B, Hkv, S, D)
         v = v.permute(0, 2, 1, 3, 4).reshape(B, Hkv, -1, D)[:, :, :S]
-        return DenseKV(k, v, self.context_lens.long())
+        return DenseKV(k, v, self.context_lens.long(), self.window)
 
 
 KVView = DenseKV | PagedKV

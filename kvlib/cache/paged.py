@@ -26,6 +26,12 @@ copied); the first write into a shared, partly filled last block copies that one
 same leading tokens -- even after that sequence was released, while the blocks wait in the
 free queue -- so a prefill computes only the rest.
 
+Sliding windows. With `window=W` (a model whose every layer has window W, Mistral-7B v0.1),
+a block whose tokens are all older than the next query's window (positions < length - W + 1)
+is freed at commit; its place in the table becomes -1, so the table still maps position j
+to entry j // BS. A sequence then holds about W / BS + 1 blocks however long it grows.
+(Models that mix windowed and global layers, Gemma-2, would need a table per kind of layer.)
+
 Implements the `KVCache` contract (kvlib.cache.contract). Uses `config.max_seq_len` as the
 longest sequence and `config.block_size`; `max_batch_size` does not apply (the pool bounds
 how many sequences fit).
@@ -52,7 +58,7 @@ from kvlib.config import CacheConfig
 
 @dataclass
 class _Sequence:
-    blocks: list[KVCacheBlock] = field(default_factory=list)
+    blocks: list[KVCacheBlock | None] = field(default_factory=list)  # None: out of the window
     length: int = 0  # committed tokens
     # Known token ids (for prefix hashes); None once a step came without them.
     tokens: list[int] | None = field(default_factory=list)
@@ -71,8 +77,9 @@ class _Pending:
 class PagedKVCache:
     """A pool of `num_blocks` blocks of `config.block_size` tokens, for every layer."""
 
-    def __init__(self, config: CacheConfig, num_blocks: int) -> None:
+    def __init__(self, config: CacheConfig, num_blocks: int, window: int | None = None) -> None:
         require_int("num_blocks", num_blocks, minimum=1)
+        self.window = None if window is None else require_int("window", window, minimum=1)
         self.config = config
         self.block_size = config.block_size
         self.allocator = BlockAllocator(num_blocks)
@@ -106,7 +113,7 @@ class PagedKVCache:
         return list(self._seqs)
 
     def block_table(self, seq_id: int) -> list[int]:
-        return [b.block_id for b in self._held(seq_id).blocks]
+        return [-1 if b is None else b.block_id for b in self._held(seq_id).blocks]
 
     def block_tables(self, seq_ids: Sequence[int]) -> torch.Tensor:
         """(B, max_blocks) int32 on the cache's device, padded with -1."""
@@ -118,7 +125,7 @@ class PagedKVCache:
         return out.to(self.config.device)
 
     def ref_counts(self, seq_id: int) -> list[int]:
-        return [b.ref_count for b in self._held(seq_id).blocks]
+        return [0 if b is None else b.ref_count for b in self._held(seq_id).blocks]
 
     # -- the cache contract -------------------------------------------------------------------
     def lengths(self, seq_ids: Sequence[int]) -> torch.Tensor:
@@ -210,6 +217,7 @@ class PagedKVCache:
                 self._hash_full_blocks(seq)
             else:
                 seq.tokens = None  # contents unknown from here: no more prefix hashes
+            self._free_out_of_window(seq)
         self._pending = self._step_tables = None
 
     def abort(self, batch: StepBatch) -> None:
@@ -234,7 +242,8 @@ class PagedKVCache:
         if dst in self._seqs:
             raise ValueError(f"cannot fork into sequence {dst}: it already exists")
         for block in parent.blocks:
-            self.allocator.share(block)
+            if block is not None:
+                self.allocator.share(block)
         self._seqs[dst] = _Sequence(list(parent.blocks), parent.length,
                                     None if parent.tokens is None else list(parent.tokens),
                                     list(parent.hashes))
@@ -245,7 +254,8 @@ class PagedKVCache:
         for s in ids:
             self._held(s)
         for s in ids:
-            self.allocator.free(self._seqs.pop(s).blocks[::-1])  # tail first: see free()
+            blocks = self._seqs.pop(s).blocks[::-1]  # tail first: see free()
+            self.allocator.free([b for b in blocks if b is not None])
 
     # -- prefix caching ------------------------------------------------------------------------
     def reuse_prefix(self, seq_id: int, prompt_ids: Sequence[int]) -> int:
@@ -288,6 +298,27 @@ class PagedKVCache:
         self.data[:, :, new.block_id, :, :filled] = self.data[:, :, old.block_id, :, :filled]
         self.allocator.free([old])
         seq.blocks[-1] = new
+
+    def _free_out_of_window(self, seq: _Sequence) -> None:
+        """Free the blocks no query reads again: all positions < length - W + 1.
+
+        >>> cfg = CacheConfig(num_layers=1, num_kv_heads=1, head_dim=2, max_batch_size=1,
+        ...                   max_seq_len=64, block_size=4)
+        >>> cache = PagedKVCache(cfg, num_blocks=8, window=6)
+        >>> batch = cache.begin([0], [13])   # 13 tokens: the next query (13) reads 8..13
+        >>> for layer in range(1):
+        ...     cache.write(layer, batch, torch.zeros(13, 1, 2), torch.zeros(13, 1, 2))
+        >>> cache.commit(batch)
+        >>> cache.block_table(0)             # blocks 0 and 1 (positions 0..7) freed
+        [-1, -1, 2, 3]
+        """
+        if self.window is None:
+            return
+        first_needed = seq.length - self.window + 1  # the next query's oldest key
+        for i in range(max(first_needed, 0) // self.block_size):
+            if seq.blocks[i] is not None:
+                self.allocator.free([seq.blocks[i]])
+                seq.blocks[i] = None
 
     def _hash_full_blocks(self, seq: _Sequence) -> None:
         BS = self.block_size
