@@ -283,15 +283,22 @@ def _expected_label(controls: list[dict]) -> str:
     return " · ".join(f"{c['name']} = {c['value']}" for c in controls)
 
 
+def _plain(text: str | None) -> str | None:
+    """Dropdown options show spaces as no-break spaces; labels do not."""
+    return None if text is None else text.replace("\xa0", " ")
+
+
 def _shows(widget, expected_values: dict[str, str]) -> str | None:
     """None once the controls show `expected_values` and the one visible label names them all;
     otherwise what is wrong."""
     seen = widget.evaluate(READ_LIVE_WIDGET)
+    for control in seen["controls"]:
+        control["value"] = _plain(control["value"])
     shown = {c["name"]: c["value"] for c in seen["controls"]}
     for name, value in expected_values.items():
-        if shown.get(name) != value:
-            return f"control {name!r} shows {shown.get(name)!r}, not {value!r}"
-    if seen["labels"] != [_expected_label(seen["controls"])]:
+        if shown.get(name) != _plain(value):
+            return f"control {name!r} shows {shown.get(name)!r}, not {_plain(value)!r}"
+    if [_plain(label) for label in seen["labels"]] != [_expected_label(seen["controls"])]:
         return (f"controls show {_expected_label(seen['controls'])!r} but the visible state "
                 f"label(s) read {seen['labels']}")
     return None
