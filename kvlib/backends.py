@@ -9,12 +9,14 @@ registered by name in `BACKENDS`, so a chapter switches the model's attention in
     reference   gathers a paged view into dense tensors, then `attention.attention`
                 (materialises scores; the thing every fast path is tested against)
     sdpa        torch's scaled_dot_product_attention on dense tensors
+    triton      paged decode through the Triton flash-decoding kernel (a GPU, or the
+                interpreter); anything else falls back to sdpa
     fast        the fastest path for the view kind on this device: paged decode reads the
-                blocks in place (`cache.paged_decode`); anything else falls back to sdpa
+                blocks in place (Triton on a GPU, numba on the CPU); anything else: sdpa
     chunked     `flash.chunked`: online softmax over tiles of keys (prefill) and split-KV
                 decoding, in plain torch; dense or paged views, read in place
 
-Other modules add theirs with `register` (the Triton kernels).
+Other modules add theirs with `register`.
 Legend: N packed tokens, B sequences, T new tokens per sequence, H query heads, Hkv KV
 heads, D head dim, S keys.
 """
@@ -105,17 +107,55 @@ def sdpa(q: torch.Tensor, kv: KVView, batch: StepBatch) -> torch.Tensor:
     return _per_sequence(q, kv.dense(), batch, partial(_sdpa, window=kv.window))
 
 
-def fast(q: torch.Tensor, kv: KVView, batch: StepBatch) -> torch.Tensor:
-    """Paged decode reads blocks in place; everything else goes to sdpa."""
+def triton(q: torch.Tensor, kv: KVView, batch: StepBatch) -> torch.Tensor:
+    """Paged decode with the Triton kernel (`kvlib.kernels.paged_decode`); else sdpa.
+
+    The kernel has no sliding window: windowed views go to sdpa."""
     if isinstance(kv, PagedKV) and batch.uniform_len == 1 and kv.window is None:
-        from kvlib.kernels.paged_decode_cpu import paged_decode_attention
+        from kvlib.kernels.paged_decode import paged_decode_attention
 
         return paged_decode_attention(q, kv.k_pool, kv.v_pool, kv.block_tables,
                                       kv.context_lens)  # (B, H, D) = (N, H, D)
     return sdpa(q, kv, batch)
 
 
+def fast(q: torch.Tensor, kv: KVView, batch: StepBatch) -> torch.Tensor:
+    """Paged decode reads blocks in place (Triton on a GPU, numba on the CPU); else sdpa.
+
+    On the CPU a mixed batch (an engine step: decodes beside prompt chunks) sends all its
+    one-token rows to the paged decode kernel in one call, and only the chunks to sdpa.
+    """
+    if not isinstance(kv, PagedKV) or kv.window is not None:  # the kernels have no window
+        return sdpa(q, kv, batch)
+    if q.device.type == "cuda":
+        return triton(q, kv, batch) if batch.uniform_len == 1 else sdpa(q, kv, batch)
+    from kvlib.kernels.paged_decode_cpu import paged_decode_attention
+
+    if batch.uniform_len == 1:
+        return paged_decode_attention(q, kv.k_pool, kv.v_pool, kv.block_tables,
+                                      kv.context_lens)  # (B, H, D) = (N, H, D)
+    one = batch.query_lens == 1  # (B,) rows feeding one token: a decode, whatever its past
+    if not bool(one.any()):
+        return sdpa(q, kv, batch)
+    cu = batch.cu_query_lens  # (B+1,)
+    out = torch.empty_like(q)  # (N, H, D)
+    rows = one.nonzero()[:, 0]  # (Bd,)
+    tok = cu[:-1][rows].to(q.device)  # (Bd,) packed index of each one-token row
+    out[tok] = paged_decode_attention(q[tok], kv.k_pool, kv.v_pool, kv.block_tables[rows],
+                                      kv.context_lens[rows])  # (Bd, H, D)
+    for b in (~one).nonzero()[:, 0].tolist():
+        n = int(batch.context_lens[b])
+        dense = PagedKV(kv.k_pool, kv.v_pool, kv.block_tables[b:b + 1],
+                        kv.context_lens[b:b + 1]).dense()  # (1, Hkv, n, D): this row only
+        qb = q[cu[b]:cu[b + 1]].transpose(0, 1)[None]  # (1, H, T_b, D)
+        pos = batch.positions[cu[b]:cu[b + 1]][None]  # (1, T_b)
+        ob = _sdpa(qb, dense.k[:, :, :n], dense.v[:, :, :n], pos, dense.context_lens)
+        out[cu[b]:cu[b + 1]] = ob[0].transpose(0, 1)  # (T_b, H, D)
+    return out
+
+
 register("reference", reference)
 register("sdpa", sdpa)
+register("triton", triton)
 register("fast", fast)
 register("chunked", flash.chunked)

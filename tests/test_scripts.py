@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -36,6 +38,20 @@ def test_incremental_bench_ends_with_json_speedups():
     for s in ("16", "64"):
         ratio = last["uncached_ms"][s] / last["cached_ms"][s]
         assert abs(ratio - last["speedup_by_len"][s]) <= 0.01 * ratio + 0.01
+    assert last["device"].startswith("cpu")
+
+
+def test_engine_bench_ends_with_json_throughputs():
+    pytest.importorskip("transformers")
+    out = _run("bench/engine.py", "--quick")
+    last = json.loads(out.strip().splitlines()[-1])
+    for name in ("continuous", "static", "transformers"):
+        assert last[f"{name}_tok_s"] > 0
+    ratio = last["continuous_tok_s"] / last["static_tok_s"]
+    assert abs(ratio - last["continuous_over_static"]) <= 0.01 * ratio + 0.01
+    # greedy outputs agree, request for request, across the three schedules
+    assert last["greedy_equal_static"] == last["requests"]
+    assert last["greedy_equal_transformers"] == last["requests"]
     assert last["device"].startswith("cpu")
 
 

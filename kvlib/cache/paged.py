@@ -54,6 +54,7 @@ from kvlib.cache.contract import (
 )
 from kvlib.checks import require_ids, require_int
 from kvlib.config import CacheConfig
+from kvlib.kernels.store_kv import store_kv
 
 
 @dataclass
@@ -192,10 +193,9 @@ class PagedKVCache:
         cfg = self.config
         check_new_kv(k, v, batch.num_tokens, cfg.num_kv_heads, cfg.head_dim, cfg.dtype,
                      cfg.device)
-        blocks = batch.slot_mapping // self.block_size  # (N,)
-        offsets = batch.slot_mapping % self.block_size  # (N,)
-        self.k_pool(layer)[blocks, :, offsets] = k.detach()  # (N, Hkv, D) into the pool
-        self.v_pool(layer)[blocks, :, offsets] = v.detach()
+        # (N, Hkv, D) into the pool at slot_mapping: a Triton kernel on a GPU, indexing here
+        store_kv(k.detach(), v.detach(), self.k_pool(layer), self.v_pool(layer),
+                 batch.slot_mapping)
         self._ledger.wrote(layer)
 
     def read(self, layer: int, batch: StepBatch) -> PagedKV:

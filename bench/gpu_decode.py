@@ -1,0 +1,128 @@
+"""Paged decode attention on a GPU: kvlib's Triton kernel against SDPA, gather-then-SDPA, INT8.
+
+    python bench/gpu_decode.py [--out PATH] [--rows 1x32768,8x4096] [--interpret-smoke]
+
+One layer, bf16, 32 query heads, 8 KV heads of 128 (Llama-3-8B's attention), block size 16,
+at (batch, tokens) = (1, 32768), (8, 4096), (32, 4096), (64, 4096), (32, 16384), (128, 1024).
+For each row: the largest error of every path against the fp32 reference, and the median time
+(`triton.testing.do_bench`) of
+    paged   kvlib.kernels.paged_decode, blocks read in place (best of a few tile sizes)
+    sdpa    torch's scaled_dot_product_attention(enable_gqa=True) on a contiguous cache
+    gather  the blocks gathered into a contiguous copy, then sdpa
+    int8    kvlib.kernels.paged_decode_int8 on an INT8 pool (fp16 scale per token per head)
+and a device-to-device copy's bandwidth, measured in the same run. Bandwidth counts the bytes
+of bf16 K and V (kv_GB) for every path, the INT8 one included (its "effective" rate).
+
+Prints a table and, as its last line, the JSON object
+{"device", "copy_TBps", "rows": [{"B", "S", "kv_GB", "paged_ms", "sdpa_ms", "gather_ms",
+"int8_ms", ...}], "targets": {...}, "date", "versions"}; writes the same object to --out,
+or to $OUT/gpu_decode_<device>.json when $OUT is set. Fits in a few minutes on an H100.
+
+Without a GPU it exits with status 2 and says so. `--interpret-smoke` instead runs one tiny
+row on the CPU under TRITON_INTERPRET=1 (set it in the environment), so a test can check
+the plumbing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+from kvlib.bench import device_name
+from kvlib.experiments.gpu import ROWS, copy_bandwidth, time_decode_row
+
+TILE_NS = (32, 64, 128)  # the kernel's tile sizes tried per row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, help="where to write the JSON object")
+    parser.add_argument("--rows", help="BxS,BxS,... instead of the issue's six rows")
+    parser.add_argument("--interpret-smoke", action="store_true",
+                        help="one tiny row on the CPU under TRITON_INTERPRET=1 (for tests)")
+    args = parser.parse_args()
+    rows = ROWS if args.rows is None else [tuple(int(x) for x in r.split("x"))
+                                           for r in args.rows.split(",")]
+    if args.interpret_smoke:
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            sys.exit("--interpret-smoke needs TRITON_INTERPRET=1 in the environment")
+        device, shape, rows, tile_ns = "cpu", dict(H=4, Hkv=2, D=16, BS=4), [(2, 32)], (16,)
+    elif not torch.cuda.is_available():
+        print("bench/gpu_decode.py needs a CUDA GPU (torch.cuda.is_available() is False); "
+              "the recorded results are in bench/results/. On a CPU, run "
+              "`TRITON_INTERPRET=1 python bench/gpu_decode.py --interpret-smoke` to check the "
+              "kernels' plumbing.", file=sys.stderr)
+        sys.exit(2)
+    else:
+        device, shape, tile_ns = "cuda", {}, TILE_NS
+
+    copy = copy_bandwidth(device, gigabytes=2.0 if device == "cuda" else 0.001)
+    print(f"{device_name(device)}: device-to-device copy {copy:.2f} TB/s (read + write)")
+    header = (f"{'B':>4} {'S':>6} {'KV GB':>6} | {'paged':>15} {'sdpa':>15} {'gather':>15} "
+              f"{'int8':>15} | {'paged/sdpa':>10} {'paged/gath':>10} {'int8/sdpa':>9}")
+    print(header + "\n" + "-" * len(header))
+    results = []
+    for B, S in rows:
+        row = time_decode_row(B, S, tile_ns=tile_ns, device=device, **shape)
+        for name in ("paged", "sdpa", "gather", "int8"):
+            row[f"{name}_TBps"] = round(row["kv_GB"] / 1e3 / (row[f"{name}_ms"] * 1e-3), 3)
+            row[f"{name}_pct_copy"] = round(100 * row[f"{name}_TBps"] / copy, 1)
+        row["paged_over_sdpa"] = round(row["sdpa_ms"] / row["paged_ms"], 3)  # throughput
+        row["paged_over_gather"] = round(row["gather_ms"] / row["paged_ms"], 3)
+        row["int8_over_sdpa"] = round(row["sdpa_ms"] / row["int8_ms"], 3)
+        results.append(row)
+        cells = " ".join(f"{row[f'{n}_ms']:7.3f}ms {row[f'{n}_TBps']:4.2f}T"
+                         for n in ("paged", "sdpa", "gather", "int8"))
+        print(f"{B:>4} {S:>6} {row['kv_GB']:6.3f} | {cells} | {row['paged_over_sdpa']:10.2f} "
+              f"{row['paged_over_gather']:10.2f} {row['int8_over_sdpa']:9.2f}", flush=True)
+    print("ms: median time; T: TB/s of bf16 K and V; ratios: throughput (time of the other "
+          "over time of the first)")
+
+    result = {
+        "device": device_name(device),
+        "copy_TBps": round(copy, 3),
+        "rows": results,
+        "targets": targets(results),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "versions": versions(),
+        "shape": {"dtype": "bfloat16", "H": 32, "Hkv": 8, "D": 128, "BS": 16, **shape},
+    }
+    out = args.out
+    if out is None and os.environ.get("OUT") and not args.interpret_smoke:
+        slug = result["device"].lower().replace(" ", "-")
+        out = Path(os.environ["OUT"]) / f"gpu_decode_{slug}.json"
+    if out is not None:
+        out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result))
+
+
+def targets(rows: list[dict]) -> dict:
+    """The issue's bars, each with the worst row: paged >= 0.9x sdpa where KV >= 0.5 GB,
+    paged >= 3x gather everywhere, int8 >= 1.6x sdpa at the largest KV."""
+    big = [r for r in rows if r["kv_GB"] >= 0.5] or rows
+    largest = max(r["kv_GB"] for r in rows)
+    checks = {
+        "paged_over_sdpa_at_0.5GB+": (min(r["paged_over_sdpa"] for r in big), 0.9),
+        "paged_over_gather": (min(r["paged_over_gather"] for r in rows), 3.0),
+        "int8_over_sdpa_largest": (min(r["int8_over_sdpa"] for r in rows
+                                       if r["kv_GB"] == largest), 1.6),
+    }
+    return {k: {"worst": v, "bar": bar, "met": v >= bar} for k, (v, bar) in checks.items()}
+
+
+def versions() -> dict:
+    import triton
+
+    return {"torch": torch.__version__, "triton": triton.__version__,
+            "cuda": torch.version.cuda, "python": platform.python_version()}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,257 @@
+"""The scheduler: which sequences run in the next step, and how many tokens each feeds.
+
+A waiting queue and a running list, over a `PagedKVCache` (vLLM's and nano-vllm's design).
+Every step has a token budget, `max_num_batched_tokens`, shared by everything it runs:
+
+1. decodes: each running sequence whose tokens are all in the cache but its newest feeds that
+   one token (oldest admitted first);
+2. chunks: running sequences still prefilling (a long prompt cut into chunks, or a preempted
+   sequence being recomputed) feed as many tokens as the budget and the free blocks allow;
+3. admissions: waiting sequences join, front of the queue first, each with a chunk of its
+   prompt, while the budget, the free blocks and `max_num_seqs` allow.
+
+When a running sequence cannot get even one more token's room (a decode needs a new block and
+none is free), the most recently admitted running sequence is preempted: its blocks are freed
+and it goes back to the front of the waiting queue. When it
+is admitted again its prompt *and the tokens it already generated* are recomputed as one long
+prefill, and it goes on sampling from where it stopped, so its output does not change.
+
+Worked example (block size 4, token budget 6): sequence A is decoding, and a 9-token prompt B
+waits. Step 1: A feeds 1 token; B is admitted with a chunk of 5 (its first 5 tokens, 2 blocks).
+Step 2: A feeds 1; B feeds its other 4, and the row of its last prompt token gives its first
+new token. Step 3: both feed 1.
+
+>>> Request([1, 2, 3], max_new_tokens=2).prompt_ids
+(1, 2, 3)
+"""
+
+from __future__ import annotations
+
+import operator
+from collections import deque
+from dataclasses import dataclass, field
+from enum import Enum
+
+import torch
+
+from kvlib.cache.paged import PagedKVCache
+from kvlib.checks import require_int
+from kvlib.sampling import SamplingParams
+
+
+@dataclass(frozen=True)
+class Request:
+    """What a client asks for: continue `prompt_ids` by up to `max_new_tokens` tokens,
+    stopping early after any token in `stop_token_ids` (which is kept in the output)."""
+
+    prompt_ids: tuple[int, ...]
+    sampling: SamplingParams = SamplingParams()
+    max_new_tokens: int = 16
+    stop_token_ids: tuple[int, ...] = ()
+
+    def __init__(self, prompt_ids, sampling: SamplingParams = SamplingParams(),
+                 max_new_tokens: int = 16, stop_token_ids=()) -> None:
+        if isinstance(prompt_ids, torch.Tensor):
+            prompt_ids = prompt_ids.reshape(-1).tolist()
+        object.__setattr__(self, "prompt_ids", _token_ids("prompt_ids", prompt_ids))
+        object.__setattr__(self, "sampling", sampling)
+        object.__setattr__(self, "max_new_tokens", max_new_tokens)
+        object.__setattr__(self, "stop_token_ids", _token_ids("stop_token_ids", stop_token_ids))
+
+
+def _token_ids(name: str, ids) -> tuple[int, ...]:
+    """Integers only (numpy and torch integer scalars too): 2.7 is not a token id."""
+    try:
+        return tuple(operator.index(t) for t in ids)
+    except TypeError:
+        raise ValueError(f"{name} must be integer token ids, got {list(ids)!r}") from None
+
+
+class Status(str, Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request inside the engine: its tokens so far and how many the cache holds."""
+
+    seq_id: int
+    request: Request
+    generator: torch.Generator | None  # this request's own random stream (seeded sampling)
+    arrival_s: float
+    output_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0  # tokens whose keys and values are in the cache
+    status: Status = Status.WAITING
+    finish_reason: str | None = None  # "length" or "stop"
+    num_preemptions: int = 0
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache, over all admissions
+    first_scheduled_s: float | None = None
+    first_token_s: float | None = None
+    finish_s: float | None = None
+
+    @property
+    def token_ids(self) -> list[int]:
+        """Prompt then generated tokens: what the cache must hold before the next sample."""
+        return [*self.request.prompt_ids, *self.output_ids]
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.request.prompt_ids) + len(self.output_ids)
+
+    @property
+    def num_pending_tokens(self) -> int:
+        """Tokens not in the cache yet: 1 while decoding, more while (re)prefilling."""
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def is_decoding(self) -> bool:
+        return bool(self.output_ids) and self.num_pending_tokens == 1
+
+
+@dataclass
+class ScheduledStep:
+    """The plan of one step: (sequence, tokens it feeds) in batch order, and what changed."""
+
+    entries: list[tuple[Sequence, int]] = field(default_factory=list)
+    admitted: list[Sequence] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+    num_cached_tokens: int = 0  # prompt tokens the admitted ones found in the prefix cache
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(n for _, n in self.entries)
+
+
+class Scheduler:
+    """Decides each step's batch; owns the waiting queue and the running list."""
+
+    def __init__(self, cache: PagedKVCache, max_num_batched_tokens: int,
+                 max_num_seqs: int) -> None:
+        self.cache = cache
+        self.max_num_batched_tokens = require_int("max_num_batched_tokens",
+                                                  max_num_batched_tokens, minimum=1)
+        self.max_num_seqs = require_int("max_num_seqs", max_num_seqs, minimum=1)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # NOTE: in admission order; preemption takes the last
+        self._reserved = 0  # blocks the plan being made will allocate
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    # -- planning ------------------------------------------------------------------------------
+    def schedule(self) -> ScheduledStep:
+        plan = ScheduledStep()
+        budget = self.max_num_batched_tokens
+        scheduled: set[int] = set()
+        # NOTE: blocks promised to sequences already in this plan are not free for the next
+        # ones, though the cache allocates them only when the step begins.
+        self._reserved = 0
+        # 1. Decodes first: a running sequence waiting for one token is the cheapest progress
+        # there is, and holding its blocks while it waits would waste them.
+        # 2. Then chunks of running prefills, as much as the budget and the free blocks allow.
+        decoding = [s for s in self.running if s.is_decoding]
+        prefilling = [s for s in self.running if not s.is_decoding]
+        for seq in decoding + prefilling:
+            if budget == 0:
+                break
+            if seq.status is not Status.RUNNING:  # preempted earlier in this loop
+                continue
+            while self._tokens_that_fit(seq) == 0 and self._preempt_for(seq, plan, scheduled):
+                pass
+            if seq.status is Status.RUNNING:
+                n = min(seq.num_pending_tokens, budget, self._tokens_that_fit(seq))
+                self._reserved += self._blocks_needed(seq, n)
+                plan.entries.append((seq, n))
+                scheduled.add(seq.seq_id)
+                budget -= n
+        # 3. Admissions. NOTE: none in a step that preempted: the freed blocks are what the
+        # running sequences need next, and admitting into them would only preempt again.
+        while (self.waiting and budget > 0 and not plan.preempted
+               and len(self.running) < self.max_num_seqs):
+            seq = self.waiting[0]
+            n = self._admit_chunk(seq, budget, plan)
+            if n == 0:
+                break  # NOTE: first come, first served: a later, smaller request never jumps ahead
+            self.waiting.popleft()
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            plan.entries.append((seq, n))
+            plan.admitted.append(seq)
+            budget -= n
+        return plan
+
+    def _admit_chunk(self, seq: Sequence, budget: int, plan: ScheduledStep) -> int:
+        """Give `seq` its cached prefix and room for its first chunk; 0 (and no change) if the
+        free blocks cannot hold that chunk."""
+        # NOTE: reuse_prefix always leaves at least the last token to compute, even when every
+        # block is cached: that token's logits choose the next new token.
+        cached = self.cache.reuse_prefix(seq.seq_id, seq.token_ids)
+        seq.num_computed_tokens = cached
+        n = min(seq.num_pending_tokens, budget)
+        if self._blocks_needed(seq, n) > self._num_free_blocks:
+            self.cache.release([seq.seq_id])  # the cached blocks go back to the free queue
+            seq.num_computed_tokens = 0
+            return 0
+        self._reserved += self._blocks_needed(seq, n)
+        seq.num_cached_tokens += cached
+        plan.num_cached_tokens += cached
+        return n
+
+    @property
+    def _num_free_blocks(self) -> int:
+        return self.cache.allocator.num_free_blocks - self._reserved
+
+    def _blocks_needed(self, seq: Sequence, num_new: int) -> int:
+        """New blocks `seq` needs to store `num_new` more tokens.
+
+        >>> # holding 5 tokens in blocks of 4 (2 blocks): 3 more tokens fill to 8, no new block
+        >>> -(-(5 + 3) // 4) - 2
+        0
+        """
+        held = len(self.cache.block_table(seq.seq_id))  # every planned sequence is held
+        # NOTE: no copy-on-write to count: the engine never forks, and a reused prefix is whole
+        # blocks, so a sequence's next write never lands in a block another one shares.
+        return max(0, -(-(seq.num_computed_tokens + num_new) // self.cache.block_size) - held)
+
+    def _tokens_that_fit(self, seq: Sequence) -> int:
+        held = len(self.cache.block_table(seq.seq_id))
+        room = (held + self._num_free_blocks) * self.cache.block_size
+        return max(0, room - seq.num_computed_tokens)
+
+    # -- changes of state ----------------------------------------------------------------------
+    def _preempt_for(self, seq: Sequence, plan: ScheduledStep, scheduled: set[int]) -> bool:
+        """Preempt the most recently admitted running sequence not yet in this step's batch
+        (possibly `seq` itself); True while `seq` still runs and may try again.
+
+        NOTE: this always ends: the oldest running sequence can preempt every other one, and
+        alone it fits (add_request refuses a request the whole pool could not hold).
+        """
+        victim = next(s for s in reversed(self.running) if s.seq_id not in scheduled)
+        self._preempt(victim, plan)
+        return victim is not seq
+
+    def _preempt(self, seq: Sequence, plan: ScheduledStep) -> None:
+        """Free `seq`'s blocks and queue it first, to be recomputed.
+
+        NOTE: the most recently admitted goes: it has done the least work (least to
+        recompute), and the oldest requests, waiting longest, keep going.
+        """
+        self.running.remove(seq)
+        self.cache.release([seq.seq_id])
+        seq.num_computed_tokens = 0
+        seq.status = Status.WAITING
+        seq.num_preemptions += 1
+        self.waiting.appendleft(seq)  # NOTE: first back in, so it is not starved by newcomers
+        plan.preempted.append(seq)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Done: free its blocks now, so the next step can use them."""
+        self.running.remove(seq)
+        self.cache.release([seq.seq_id])
+        seq.status, seq.finish_reason = Status.FINISHED, reason

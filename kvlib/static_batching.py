@@ -1,0 +1,122 @@
+"""Static batching, the baseline continuous batching replaced: fixed batches, run to the end.
+
+Requests are cut into batches of `batch_size` in arrival order. A batch prefills all its
+prompts in one step, then decodes every member for as many steps as its *longest* request
+needs; a member that is done keeps being fed (its outputs thrown away) because the batch is a
+fixed rectangle, and the next batch starts only when the whole batch is done. Its cache is
+reserved up front for the worst case of every member (longest prompt + longest output), as a
+rectangular cache must be.
+
+NOTE: kept generous on purpose: prompts are packed, not padded to the longest (the model's
+packed path needs no padding), and decodes read the same paged cache with the same kernels as
+the engine. What it loses is only what static batching loses: steps spent on finished
+members, and requests waiting for a batch to drain. Hugging Face's `generate` on a padded
+batch (bench/engine.py) is the same schedule with padding too.
+
+Outputs and metrics have the engine's types (kvlib.engine), so the chapter draws both alike.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import torch
+
+from kvlib.bench import progress
+from kvlib.cache.paged import PagedKVCache
+from kvlib.checks import is_int, require_int
+from kvlib.config import CacheConfig
+from kvlib.engine import EngineMetrics, GenerateResult, RequestOutput, StepRecord
+from kvlib.model import TransformerLM
+from kvlib.sampling import SamplingParams, sample_next
+
+
+@torch.no_grad()
+def static_generate(model: TransformerLM, prompts: Sequence[Sequence[int]],
+                    sampling: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
+                    max_new_tokens: int | Sequence[int] = 16, *, batch_size: int = 8,
+                    block_size: int = 16, stop_token_ids: Sequence[int] = (),
+                    show_progress: bool = True) -> GenerateResult:
+    """Generate for every prompt in static batches of `batch_size`; one output per prompt."""
+    require_int("batch_size", batch_size, minimum=1)
+    n = len(prompts)
+    prompts = [[int(t) for t in (p.tolist() if isinstance(p, torch.Tensor) else p)]
+               for p in prompts]
+    samplings = [sampling] * n if isinstance(sampling, SamplingParams) else list(sampling)
+    lengths = [max_new_tokens] * n if is_int(max_new_tokens) else list(max_new_tokens)
+    if n == 0 or len(samplings) != n or len(lengths) != n or min(map(len, prompts)) < 1:
+        raise ValueError(f"need >= 1 non-empty prompts with one sampling and max_new_tokens "
+                         f"each; got {n} prompts, {len(samplings)} sampling params, "
+                         f"{len(lengths)} max_new_tokens")
+    weight = model.embed.weight
+    longest = max(map(len, prompts)) + max(lengths)
+    cache = PagedKVCache(CacheConfig.for_model(
+        model.config, max_batch_size=batch_size, max_seq_len=model.config.max_seq_len,
+        dtype=weight.dtype, device=weight.device, block_size=block_size),
+        num_blocks=batch_size * -(-longest // block_size))  # the worst-case reservation
+    metrics = EngineMetrics()
+    outputs: list[RequestOutput | None] = [None] * n
+    start = time.perf_counter()  # every request arrives at once
+    starts = range(0, n, batch_size)
+    for b0 in progress(starts, desc="static batches", enabled=show_progress, total=len(starts)):
+        members = list(range(b0, min(n, b0 + batch_size)))
+        _run_batch(model, cache, prompts, samplings, lengths, set(stop_token_ids), members,
+                   start, metrics, outputs)
+    metrics.wall_s = time.perf_counter() - start
+    return GenerateResult([o for o in outputs if o is not None], metrics)
+
+
+def _run_batch(model, cache, prompts, samplings, lengths, stops, members, t0, metrics,
+               outputs) -> None:
+    device = model.embed.weight.device
+    gens = [samplings[i].generator(device) for i in members]
+    out: list[list[int]] = [[] for _ in members]
+    done = [False] * len(members)
+    reasons = ["length"] * len(members)
+    first_token_s = [0.0] * len(members)
+    batch_start = time.perf_counter()
+    num_steps = max(lengths[i] for i in members)  # NOTE: the longest member sets the pace
+    ids = list(range(len(members)))
+    for step in range(num_steps):
+        step_start = time.perf_counter()
+        if step == 0:
+            lens = [len(prompts[i]) for i in members]
+            token_ids = torch.tensor([t for i in members for t in prompts[i]], device=device)
+        else:
+            lens = [1] * len(members)  # finished members are fed too: the batch is a rectangle
+            token_ids = torch.tensor([o[-1] for o in out], device=device)  # (B,)
+        hidden = model.packed_hidden_states(token_ids, lens, cache, ids)  # (N, d)
+        last = torch.tensor(lens).cumsum(0) - 1  # (B,) row of each member's last token
+        logits = model.lm_head(hidden[last.to(device)]).float()  # (B, V)
+        now = time.perf_counter()
+        events = []
+        for j, i in enumerate(members):
+            if done[j]:
+                out[j].append(out[j][-1])  # padding, thrown away below
+                events.append((i, "pad", 1))
+                continue
+            token = int(sample_next(logits[j:j + 1], samplings[i], gens[j])[0])
+            out[j].append(token)
+            metrics.num_generated_tokens += 1
+            if step == 0:
+                first_token_s[j] = now
+            events.append((i, "prefill" if step == 0 else "decode", lens[j]))
+            if token in stops or len(out[j]) >= lengths[i]:
+                done[j] = True
+                reasons[j] = "stop" if token in stops else "length"
+                events.append((i, "finish", len(out[j])))
+        metrics.steps.append(StepRecord(
+            len(metrics.steps), sum(lens), len(members), 0 if step == 0 else len(members),
+            sum(lens) if step == 0 else 0, cache.allocator.num_used_blocks, 0,
+            now - step_start, tuple(events)))
+    cache.release(ids)
+    end = time.perf_counter()
+    for j, i in enumerate(members):
+        toks = out[j][:next(t + 1 for t in range(len(out[j])) if out[j][t] in stops
+                            or t + 1 >= lengths[i])]  # (padding dropped)
+        outputs[i] = RequestOutput(
+            i, tuple(prompts[i]), toks, reasons[j],
+            batch_start - t0, first_token_s[j] - t0,
+            (end - first_token_s[j]) / (len(toks) - 1) if len(toks) > 1 else 0.0,
+            end - t0, 0, 0)  # NOTE: the answer leaves only when the whole batch is done

@@ -1,0 +1,105 @@
+"""Drawings for chapter 7 (GPU mapping): the memory hierarchy, the roofline, bandwidths.
+
+Each function draws on a matplotlib Axes it is given and computes nothing the book relies
+on: numbers come from `kvlib.analysis` and `kvlib.experiments.gpu`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.patches import FancyArrowPatch, Rectangle
+
+from kvlib.analysis import Hardware
+
+PATH_COLORS = {"copy": "#7f7f7f", "paged": "#1f77b4", "sdpa": "#2ca02c", "gather": "#d62728",
+               "int8": "#9467bd"}
+
+# An H100 SXM's memory levels: (name, capacity, bandwidth to the level below), datasheet.
+H100_LEVELS = (
+    ("registers", "256 KB per SM, 33 MB in all", ""),
+    ("shared memory / L1", "228 KB per SM, 30 MB in all", "~30 TB/s in all"),
+    ("L2 cache", "50 MB", "~10 TB/s"),
+    ("HBM3", "80 GB: the KV cache lives here", "3.35 TB/s"),
+)
+
+
+def draw_memory_hierarchy(ax: Axes, cache_gb: float) -> None:
+    """Boxes from HBM (bottom) to registers (top), with a decode step's path through them.
+
+    `cache_gb`: the KV cache one step reads, written beside HBM for scale.
+    """
+    widths = (0.6, 0.7, 0.8, 0.9)
+    for i, ((name, size, bw), w) in enumerate(zip(H100_LEVELS, widths)):
+        y = 3 - i
+        ax.add_patch(Rectangle((0.5 - w / 2, y + 0.1), w, 0.75, facecolor="#c6dbef" if i < 3
+                               else "#fdd0a2", edgecolor="black"))
+        ax.text(0.5, y + 0.55, name, ha="center", va="center", fontsize=9, weight="bold")
+        ax.text(0.5, y + 0.3, size, ha="center", va="center", fontsize=7.5)
+        if i > 0:
+            ax.add_patch(FancyArrowPatch((1.02, y + 0.75), (1.02, y + 1.15),
+                                         arrowstyle="-|>", mutation_scale=10, color="#1f77b4"))
+            ax.text(1.06, y + 0.92, bw, fontsize=7.5, va="center", color="#1f77b4")
+    ax.text(0.5, -0.25, f"one decode step streams {cache_gb:.2f} GB of K and V upward, once",
+            ha="center", fontsize=8.5, color="#d62728")
+    ax.set_xlim(-0.05, 1.45)
+    ax.set_ylim(-0.4, 4)
+    ax.axis("off")
+
+
+def draw_roofline(ax: Axes, gpus: Sequence[Hardware],
+                  points: Mapping[str, float]) -> None:
+    """Attainable FLOP/s against arithmetic intensity (log-log), one roof per GPU, and
+    vertical lines at the intensities in `points` (label -> FLOP/byte)."""
+    x = np.logspace(-1, 3.5, 200)  # FLOP per byte
+    for hw, style in zip(gpus, ("-", "--", ":", "-.")):
+        ax.loglog(x, np.minimum(hw.peak_flops, x * hw.bandwidth) / 1e12, style, color="black",
+                  lw=1.2, label=f"{hw.name} (ridge {hw.ridge_point:.0f} FLOP/B)")
+    for (label, intensity), color in zip(points.items(), ("#1f77b4", "#9467bd", "#2ca02c")):
+        ax.axvline(intensity, color=color, lw=1.5)
+        ax.text(intensity * 1.08, 0.004, label, rotation=90, color=color, fontsize=8,
+                va="bottom")
+    ax.set_ylim(bottom=0.003)
+    ax.set_xlabel("arithmetic intensity (FLOP per byte read)")
+    ax.set_ylabel("attainable TFLOP/s")
+    ax.legend(fontsize=7.5, loc="lower right")
+    ax.grid(True, which="major", alpha=0.3)
+
+
+def draw_bandwidths(ax: Axes, result: Mapping) -> None:
+    """TB/s of bf16 K and V per path and row of a `bench/gpu_decode.py` result, with the
+    copy bandwidth as a dashed line."""
+    rows = result["rows"]
+    paths = [p for p in ("paged", "sdpa", "gather", "int8") if f"{p}_ms" in rows[0]]
+    x = np.arange(len(rows))
+    width = 0.8 / len(paths)
+    for i, path in enumerate(paths):
+        tbps = [r["kv_GB"] / 1e3 / (r[f"{path}_ms"] * 1e-3) for r in rows]
+        ax.bar(x + (i - (len(paths) - 1) / 2) * width, tbps, width, label=path,
+               color=PATH_COLORS[path])
+    ax.axhline(result["copy_TBps"], ls="--", color=PATH_COLORS["copy"], label="copy")
+    ax.set_xticks(x, [f"{r['B']}x{r['S']}\n{r['kv_GB']:.2f} GB" for r in rows], fontsize=7.5)
+    ax.set_ylabel("TB/s of bf16 K and V")
+    ax.set_title(result["device"], fontsize=9)
+    ax.legend(fontsize=7.5, ncol=5, loc="upper left")
+
+
+def draw_quoted_ranges(ax: Axes, ranges: Mapping[str, tuple[float, float]], title: str,
+                       ) -> None:
+    """Horizontal bars for quoted (low, high) TB/s ranges: figures someone else measured."""
+    names = list(ranges)
+    for i, name in enumerate(names):
+        lo, hi = ranges[name]
+        key = name.split(",")[0].split(" ")[0]
+        color = PATH_COLORS.get(key, "#7f7f7f")
+        ax.barh(i, hi, color=color, alpha=0.35 if hi > lo else 0.8)
+        ax.barh(i, lo, color=color, alpha=0.8)
+        ax.text(hi + 0.05, i, f"{lo:.3g}" + (f"-{hi:.3g}" if hi > lo else "") + " TB/s",
+                va="center", fontsize=8)
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, max(hi for _, hi in ranges.values()) * 1.3)
+    ax.set_xlabel("TB/s of bf16 K and V read per step")
+    ax.set_title(title, fontsize=9)
