@@ -21,18 +21,24 @@ NOTEBOOKS ?= $(sort $(wildcard book/*.ipynb))
 SANITIZE := tests/sanitize.cfg
 PYTEST_ARGS ?=
 
-.PHONY: help venv widgets-js book book-strict lint unit nbval browser test execute clean
+.PHONY: help venv chromium widgets-js book book-strict lint unit nbval browser test execute clean
 
 help:
 	@echo "make venv         create $(VENV) and install requirements.txt (kvlib editable)"
 	@echo "make book         build the HTML book into _build/html"
-	@echo "make test         lint, unit, nbval, book-strict, browser (what CI runs)"
+	@echo "make test         lint, unit, nbval, book-strict, browser (what CI runs); first it"
+	@echo "                  checks for Debian's chromium and installs it with apt if it can"
 	@echo "make lint | unit | nbval | book-strict | browser    one step of make test"
 	@echo "make execute      re-run every chapter in place, storing outputs and widget state"
 	@echo "                  (one chapter: make execute NOTEBOOKS=book/01_incremental_decoding.ipynb)"
 	@echo "make clean        remove _build"
 
 venv: $(STAMP)
+
+# Debian's chromium for the browser check: installed with apt when missing, if this user can
+# (root); otherwise this stops make at once with the command to run (tools/ensure_chromium.sh).
+chromium:
+	@sh tools/ensure_chromium.sh
 
 $(STAMP): requirements.txt pyproject.toml
 	python3 -m venv $(VENV)
@@ -83,11 +89,13 @@ nbval: $(STAMP)
 	$(IN_VENV) $(PY) -m pytest -p tools.nbval_output_widgets --nbval book/ --nbval-current-env \
 		--nbval-sanitize-with $(SANITIZE) --nbval-cell-timeout 300 $(PYTEST_ARGS)
 
-# Headless Chromium opens every built chapter from disk; needs _build/html (make book).
-browser: $(STAMP)
+# Headless Chromium opens every built chapter from disk, checks what a reader sees and moves
+# every control of every widget; needs _build/html (make book).
+browser: chromium $(STAMP)
 	$(IN_VENV) $(PY) -m pytest tests/browser $(PYTEST_ARGS)
 
-test: $(STAMP)
+test: chromium
+	$(MAKE) venv
 	$(MAKE) lint
 	$(MAKE) unit
 	$(MAKE) nbval

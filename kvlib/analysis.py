@@ -132,6 +132,28 @@ def weight_bytes(cfg: ModelConfig, dtype: torch.dtype | str = "bf16") -> int:
     return param_count(cfg) * dtype_bytes(dtype)
 
 
+def step_weight_bytes(cfg: ModelConfig, num_tokens: int = 1,
+                      dtype: torch.dtype | str = "bf16") -> int:
+    """Bytes of weights one forward pass over `num_tokens` tokens reads from memory.
+
+    Every matrix is read once, whatever the number of tokens, except the embedding table: a
+    lookup reads one row per token (at most the whole table). With tied embeddings the LM head
+    multiplies by the whole table, so all of it is read. `weight_bytes` is what memory must
+    *hold*; this is what a step *reads*: for Llama-3-8B, 15.0 GB of its 16.1 GB.
+
+    >>> step_weight_bytes(PRESETS["llama-3-8b"]) / 1e9  # the 1.05 GB table, less one row
+    15.009857536
+    >>> step_weight_bytes(PRESETS["gpt2"]) == weight_bytes(PRESETS["gpt2"])  # tied
+    True
+    """
+    _check_count("num_tokens", num_tokens, 1)
+    if cfg.tie_embeddings:
+        return weight_bytes(cfg, dtype)
+    table = cfg.vocab_size * cfg.d_model
+    rows = min(num_tokens, cfg.vocab_size) * cfg.d_model
+    return (param_count(cfg) - table + rows) * dtype_bytes(dtype)
+
+
 # ---------------------------------------------------------------------------------------------
 # Cost of a decode step
 # ---------------------------------------------------------------------------------------------
@@ -140,7 +162,8 @@ def weight_bytes(cfg: ModelConfig, dtype: torch.dtype | str = "bf16") -> int:
 class StepCost:
     """FLOPs (2 per multiply-add) and bytes of work, summed over all layers.
 
-    `bytes_moved` counts weights read once plus cache traffic; activations are ignored.
+    `bytes_moved` counts the weights a step reads (`step_weight_bytes`: every matrix once,
+    one embedding row per token) plus cache traffic; activations are ignored.
     Two costs add field by field, so a whole generation is the sum of its steps.
     """
 
@@ -191,15 +214,18 @@ def _causal_pass(cfg: ModelConfig, num_tokens: int, bytes_moved: int) -> StepCos
 
 def decode_step_cost(cfg: ModelConfig, context_len: int, *, cached: bool,
                      dtype: torch.dtype | str = "bf16") -> StepCost:
-    """The cost of producing one new token when `context_len` (S) tokens came before it.
+    """The cost of one decode step when S = `context_len` tokens are already cached.
 
-    The step's input is the newest token, so attention sees S + 1 keys.
-    - cached: only that token goes through the layers, reading S tokens of K and V from the
-      cache and writing its own. Bytes: weights + (S + 1) x kv_bytes_per_token.
+    S counts the tokens before the step's input token (the newest one), so the step attends
+    over S + 1 keys and produces the token after them: S = 4,095 is the step with 4,096 keys.
+    - cached: only the input token goes through the layers, reading S tokens of K and V from
+      the cache and writing its own. Bytes: `step_weight_bytes(cfg, 1)` + (S + 1) x
+      kv_bytes_per_token.
     - uncached: all S + 1 tokens are recomputed, query i attending to i + 1 keys.
-      Bytes: weights only (activations ignored).
-    Both compute logits for the last position only, as kvlib's generate does.
-    `weight_bytes` includes the whole embedding table though a lookup reads a few rows.
+      Bytes: `step_weight_bytes(cfg, S + 1)` (activations ignored).
+    Both compute logits for the last position only, as kvlib's generate does. Neither reads
+    the whole embedding table (a lookup reads one row per token), unless it is tied to the
+    LM head.
 
     A config small enough to check by hand (d_model 4, 2 heads, 1 KV head, head_dim 2):
     projections 2*4*(4 + 2*2) + 2*4*4 = 96, attention over 4 keys 2*2*2*2*4 = 64,
@@ -214,8 +240,8 @@ def decode_step_cost(cfg: ModelConfig, context_len: int, *, cached: bool,
     1392
     """
     _check_count("context_len", context_len, 0)
-    weights = weight_bytes(cfg, dtype)
     if not cached:
+        weights = step_weight_bytes(cfg, context_len + 1, dtype)
         return _causal_pass(cfg, context_len + 1, bytes_moved=weights)
     projections, mlp = _per_token_flops(cfg)
     kv_traffic = (context_len + 1) * kv_bytes_per_token(cfg, dtype)  # read S, write 1
@@ -223,7 +249,7 @@ def decode_step_cost(cfg: ModelConfig, context_len: int, *, cached: bool,
                     attention_flops=_attention_flops(cfg, context_len + 1),
                     mlp_flops=mlp,
                     lm_head_flops=2 * cfg.d_model * cfg.vocab_size,
-                    bytes_moved=weights + kv_traffic)
+                    bytes_moved=step_weight_bytes(cfg, 1, dtype) + kv_traffic)
 
 
 def prefill_cost(cfg: ModelConfig, prompt_len: int, *,
@@ -234,7 +260,7 @@ def prefill_cost(cfg: ModelConfig, prompt_len: int, *,
     """
     _check_count("prompt_len", prompt_len, 1)
     written = prompt_len * kv_bytes_per_token(cfg, dtype)
-    return _causal_pass(cfg, prompt_len, weight_bytes(cfg, dtype) + written)
+    return _causal_pass(cfg, prompt_len, step_weight_bytes(cfg, prompt_len, dtype) + written)
 
 
 def generation_cost(cfg: ModelConfig, prompt_len: int, new_tokens: int, *, cached: bool,
@@ -242,7 +268,7 @@ def generation_cost(cfg: ModelConfig, prompt_len: int, new_tokens: int, *, cache
     """The summed cost of generating `new_tokens` tokens after a prompt of `prompt_len`.
 
     New token k (k = 0 .. new_tokens - 1) follows prompt_len + k tokens, so its step runs at
-    context S = prompt_len - 1 + k (the newest token is the step's input).
+    S = prompt_len - 1 + k cached tokens (the newest token is the step's input).
     - uncached: every token is a full recompute, `decode_step_cost(cached=False)`.
     - cached: the prompt is prefilled once (token 0), then one cached step per later token.
     With one new token both do the same FLOPs.
@@ -290,7 +316,7 @@ def naive_attention_count(seq_len: int) -> int:
 
 
 def flop_speedup(cfg: ModelConfig, context_len: int) -> float:
-    """Total FLOPs of an uncached decode step divided by a cached one, at context S.
+    """Total FLOPs of an uncached decode step divided by a cached one, S = `context_len`.
 
     The ratio is below S + 1: the causal mask halves recomputed attention, and the lm_head
     (one position in both paths) and attention over S + 1 keys stay in the cached step. It
@@ -312,7 +338,7 @@ def flop_speedup(cfg: ModelConfig, context_len: int) -> float:
 
 @dataclass(frozen=True)
 class Hardware:
-    """A device's datasheet peaks: dense bf16/fp16 tensor FLOP/s and memory bytes/s."""
+    """A device's datasheet peaks: dense 16-bit tensor FLOP/s and memory bytes/s."""
 
     name: str
     peak_flops: float
@@ -324,9 +350,11 @@ class Hardware:
         return self.peak_flops / self.bandwidth
 
 
-# Vendor datasheet figures (dense, no sparsity). Real kernels reach a fraction of them.
+# Vendor datasheet figures: dense bf16 tensor FLOP/s (no sparsity) and memory bandwidth.
+# Real kernels reach a fraction of them. All three hold Llama-3-8B in bf16 (15 GiB of
+# weights) with room for a cache: the L4 has 24 GB, the others 80 GB.
 GPUS: dict[str, Hardware] = {
-    "T4": Hardware("NVIDIA T4", 65e12, 320e9),
+    "L4": Hardware("NVIDIA L4", 121e12, 300e9),
     "A100-80GB": Hardware("NVIDIA A100 80GB SXM", 312e12, 2.039e12),
     "H100-SXM": Hardware("NVIDIA H100 SXM", 989e12, 3.35e12),
 }
@@ -335,11 +363,84 @@ GPUS: dict[str, Hardware] = {
 def roofline_seconds(cost: StepCost, hw: Hardware) -> float:
     """A lower bound on a step's time: the slower of doing its FLOPs and moving its bytes.
 
+    This pools the whole step into one intensity, as if every byte could feed every FLOP.
+    When a step's operations have very different intensities (a batched decode step's weight
+    matmuls and its attention), bound each one: `decode_step_operations`.
+
     >>> hw = Hardware("toy", peak_flops=100.0, bandwidth=10.0)
     >>> roofline_seconds(StepCost(0, 0, 500, 0, bytes_moved=20), hw)  # compute bound
     5.0
     """
     return max(cost.total_flops / hw.peak_flops, cost.bytes_moved / hw.bandwidth)
+
+
+@dataclass(frozen=True)
+class Operation:
+    """One kind of work within a step, with its own FLOPs and bytes, so its own roofline."""
+
+    name: str
+    flops: int
+    bytes_moved: int
+
+    @property
+    def arithmetic_intensity(self) -> float:
+        return self.flops / self.bytes_moved
+
+    def seconds(self, hw: Hardware) -> float:
+        """The slower of this operation's FLOPs and its bytes on `hw`."""
+        return max(self.flops / hw.peak_flops, self.bytes_moved / hw.bandwidth)
+
+    def compute_bound(self, hw: Hardware) -> bool:
+        return self.arithmetic_intensity > hw.ridge_point
+
+
+def decode_step_operations(cfg: ModelConfig, context_len: int, batch_size: int = 1, *,
+                           dtype: torch.dtype | str = "bf16") -> tuple[Operation, Operation]:
+    """A cached decode step of `batch_size` (B) sequences with S = `context_len` cached tokens
+    each, as its two kinds of work, each bounded on its own (they run as separate kernels):
+
+    - "weight matmuls" (projections, MLP, LM head): B tokens' FLOPs, the weights read once
+      for the whole batch. About 2 FLOPs per weight per token over 2 bytes per weight in 16
+      bits: intensity ~ B, compute bound once B passes the ridge point, whatever S is.
+    - "attention": each query head against its sequence's S + 1 keys; each sequence reads
+      its own S cached tokens and writes one. Per key and layer 4 H D FLOPs over
+      2 Hkv D x bytes: intensity 2 H / (Hkv x bytes) = H / Hkv in 16 bits, at every B and S,
+      far below any GPU's ridge point. Batching never makes attention compute bound.
+
+    Summing the two bounds (`roofline_seconds_by_operation`) is tighter than pooling the
+    step's FLOPs and bytes into one intensity (`roofline_seconds`).
+
+    >>> tiny = ModelConfig(vocab_size=10, d_model=4, num_layers=1, num_heads=2,
+    ...                    num_kv_heads=1, head_dim=2, ffn_dim=8)
+    >>> matmuls, attention = decode_step_operations(tiny, 3, batch_size=2)
+    >>> matmuls.flops, matmuls.bytes_moved  # 2 x (96 + 192 + 80); (236 - 40 + 2*4) x 2 B
+    (736, 408)
+    >>> attention.flops, attention.bytes_moved  # 2 x 64; 2 seqs x 4 tokens x 8 B
+    (128, 64)
+    >>> attention.arithmetic_intensity  # H / Hkv = 2
+    2.0
+    """
+    _check_count("context_len", context_len, 0)
+    _check_count("batch_size", batch_size, 1)
+    one = decode_step_cost(cfg, context_len, cached=True, dtype=dtype)
+    matmul_flops = one.projection_flops + one.mlp_flops + one.lm_head_flops
+    cache_bytes = (context_len + 1) * kv_bytes_per_token(cfg, dtype)  # read S, write 1
+    return (Operation("weight matmuls", batch_size * matmul_flops,
+                      step_weight_bytes(cfg, batch_size, dtype)),
+            Operation("attention", batch_size * one.attention_flops, batch_size * cache_bytes))
+
+
+def roofline_seconds_by_operation(operations: tuple[Operation, ...], hw: Hardware) -> float:
+    """A lower bound on a step's time: each operation's own bound, summed.
+
+    >>> hw = Hardware("toy", peak_flops=100.0, bandwidth=10.0)  # ridge point 10 FLOP/byte
+    >>> ops = (Operation("matmul", 1000, 10), Operation("attention", 20, 100))
+    >>> roofline_seconds_by_operation(ops, hw)  # 10 s of compute + 10 s of memory
+    20.0
+    >>> roofline_seconds(StepCost(0, 0, 1020, 0, bytes_moved=110), hw)  # pooled: 11 s
+    11.0
+    """
+    return sum(op.seconds(hw) for op in operations)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -153,6 +153,8 @@ TINY = ModelConfig(vocab_size=10, d_model=4, num_layers=1, num_heads=2, num_kv_h
 # Params: embed 10*4=40; q 16 + k 8 + v 8 + o 16 = 48; MLP 3*4*8 = 96; norms 8;
 # final norm 4; lm_head 40 -> 236. KV per token in bf16: 2*1*1*2*2 = 8 bytes.
 TINY_WEIGHT_BYTES_BF16 = 236 * 2
+# What a step over n tokens reads: all but the embedding table (40), plus n rows of 4.
+TINY_STEP_BYTES_BF16 = {1: (196 + 4) * 2, 4: (196 + 16) * 2, 5: (196 + 20) * 2}  # 400, 424, 432
 
 
 def test_tiny_weights_and_kv():
@@ -167,10 +169,10 @@ def test_tiny_cached_step_at_context_3():
         attention_flops=2 * 2 * 2 * 2 * 4,  # QK^T and AV, 2 heads, dim 2, 4 keys = 64
         mlp_flops=2 * 3 * 4 * 8,  # 192
         lm_head_flops=2 * 4 * 10,  # 80
-        bytes_moved=472 + 3 * 8 + 8,  # weights + read 3 tokens + write 1 = 504
+        bytes_moved=400 + 3 * 8 + 8,  # weights read + read 3 tokens + write 1 = 432
     )
     assert cost.total_flops == 432
-    assert cost.arithmetic_intensity == pytest.approx(432 / 504)
+    assert cost.arithmetic_intensity == pytest.approx(432 / 432)
 
 
 def test_tiny_uncached_step_at_context_3():
@@ -179,13 +181,13 @@ def test_tiny_uncached_step_at_context_3():
     assert cost.attention_flops == 16 * (1 + 2 + 3 + 4)  # query i sees i + 1 keys: 160
     assert cost.mlp_flops == 4 * 192
     assert cost.lm_head_flops == 80  # the last position only
-    assert cost.bytes_moved == TINY_WEIGHT_BYTES_BF16  # no cache traffic
+    assert cost.bytes_moved == TINY_STEP_BYTES_BF16[4]  # 4 embedding rows; no cache traffic
     assert cost.total_flops == 1392
 
 
 def test_tiny_fp32_bytes():
     cost = decode_step_cost(TINY, 3, cached=True, dtype=torch.float32)
-    assert cost.bytes_moved == 236 * 4 + 4 * 16
+    assert cost.bytes_moved == 200 * 4 + 4 * 16
 
 
 def test_at_context_0_both_paths_do_the_same_flops():
@@ -210,16 +212,16 @@ def test_cached_is_cheaper_for_positive_context(name, context_len):
 
 def test_generation_cost_tiny_by_hand():
     # prompt 4, 2 new tokens. Cached: prefill 4 tokens (= the uncached step at S=3, 1392
-    # FLOPs; bytes 472 + 4 writes of 8) then a cached step at S=4 (96 + 16*5 + 192 + 80).
+    # FLOPs; bytes 424 + 4 writes of 8) then a cached step at S=4 (96 + 16*5 + 192 + 80).
     cached = generation_cost(TINY, 4, 2, cached=True)
     assert prefill_cost(TINY, 4).total_flops == 1392
-    assert prefill_cost(TINY, 4).bytes_moved == 472 + 4 * 8
+    assert prefill_cost(TINY, 4).bytes_moved == 424 + 4 * 8
     assert cached.total_flops == 1392 + 448
-    assert cached.bytes_moved == (472 + 32) + (472 + 5 * 8)
+    assert cached.bytes_moved == (424 + 32) + (400 + 5 * 8)
     # Uncached: the S=3 step (1392) then the S=4 step (5*96 + 16*15 + 5*192 + 80 = 1760).
     uncached = generation_cost(TINY, 4, 2, cached=False)
     assert uncached.total_flops == 1392 + 1760
-    assert uncached.bytes_moved == 2 * 472
+    assert uncached.bytes_moved == 424 + 432
 
 
 def test_naive_attention_count_is_the_original_tables_figure():
@@ -289,8 +291,96 @@ def test_cached_llama_step_is_memory_bound_and_long_recompute_is_not():
     cached = analysis.decode_step_cost(llama, 4095, cached=True)
     uncached = analysis.decode_step_cost(llama, 4095, cached=False)
     assert cached.arithmetic_intensity < 2 < h100.ridge_point < uncached.arithmetic_intensity
-    # Weights (16.06 GB) + 4,096 tokens x 128 KiB of cache, streamed at 3.35 TB/s.
-    expected = (analysis.weight_bytes(llama) + 4096 * 131072) / 3.35e12
+    # Weights read (15.01 GB) + 4,096 tokens x 128 KiB of cache, streamed at 3.35 TB/s.
+    expected = (analysis.step_weight_bytes(llama) + 4096 * 131072) / 3.35e12
     assert analysis.roofline_seconds(cached, h100) == pytest.approx(expected)
     ratio = analysis.roofline_seconds(uncached, h100) / analysis.roofline_seconds(cached, h100)
     assert 4096 / h100.ridge_point / 2 < ratio < 4096 / h100.ridge_point * 2
+
+    # Issue 12: intensity about 1.10 FLOP/byte, not 1.03; the H100 time ratio about 13.4x.
+    assert cached.arithmetic_intensity == pytest.approx(1.10, abs=0.005)
+    assert ratio == pytest.approx(13.4, abs=0.05)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bytes a step reads, and the roofline per operation
+# ---------------------------------------------------------------------------------------------
+
+def test_a_step_reads_the_weights_but_not_the_embedding_table():
+    llama = PRESETS["llama-3-8b"]
+    table = 128_256 * 4096 * 2  # 1.05 GB, of which a lookup reads one 8 KiB row per token
+    assert analysis.step_weight_bytes(llama) == weight_bytes(llama) - table + 4096 * 2
+    assert analysis.step_weight_bytes(llama) / 1e9 == pytest.approx(15.01, abs=0.005)
+    assert analysis.step_weight_bytes(llama, 3) == analysis.step_weight_bytes(llama) + 2 * 8192
+    # Never more rows than the table has.
+    assert analysis.step_weight_bytes(TINY, 1000) == TINY_WEIGHT_BYTES_BF16 - 40 * 2 + 40 * 2
+    assert analysis.step_weight_bytes(TINY, 1) == TINY_STEP_BYTES_BF16[1]
+    # Tied embeddings: the LM head reads the whole table anyway.
+    for name in ("gpt2", "smollm2-135m"):
+        assert analysis.step_weight_bytes(PRESETS[name], 1) == weight_bytes(PRESETS[name])
+    with pytest.raises(ValueError, match="num_tokens"):
+        analysis.step_weight_bytes(llama, 0)
+
+
+def test_cache_bytes_equal_weight_bytes_near_114k_tokens():
+    llama = PRESETS["llama-3-8b"]
+    tokens = analysis.step_weight_bytes(llama) / kv_bytes_per_token(llama)
+    assert 114_000 < tokens < 115_000
+
+
+def test_batched_step_per_operation_on_an_h100():
+    """Issue 12, point 1: B = 471, S = 128. Pooled: about 7.2 ms; per operation: 9.5 ms."""
+    llama, h100 = PRESETS["llama-3-8b"], analysis.GPUS["H100-SXM"]
+    matmuls, attention = analysis.decode_step_operations(llama, 128, batch_size=471)
+    per_token = decode_step_cost(llama, 128, cached=True)
+    assert matmuls.flops == 471 * (per_token.total_flops - per_token.attention_flops)
+    assert matmuls.bytes_moved == analysis.step_weight_bytes(llama, 471)
+    assert attention.flops == 471 * per_token.attention_flops
+    assert attention.bytes_moved == 471 * 129 * 131072
+    assert matmuls.compute_bound(h100) and not attention.compute_bound(h100)
+    by_op = analysis.roofline_seconds_by_operation((matmuls, attention), h100)
+    assert by_op == pytest.approx(9.5e-3, abs=0.05e-3)
+    pooled = StepCost(0, 0, matmuls.flops + attention.flops, 0,
+                      matmuls.bytes_moved + attention.bytes_moved)
+    assert analysis.roofline_seconds(pooled, h100) == pytest.approx(7.2e-3, abs=0.05e-3)
+    assert by_op > analysis.roofline_seconds(pooled, h100)
+
+
+@given(context_len=st.integers(0, 200_000), batch=st.integers(1, 4096),
+       name=st.sampled_from(sorted(PRESETS)))
+def test_decode_attention_intensity_is_the_group_size_at_any_batch_and_context(
+        context_len, batch, name):
+    cfg = PRESETS[name]
+    _, attention = analysis.decode_step_operations(cfg, context_len, batch_size=batch)
+    assert attention.arithmetic_intensity == pytest.approx(cfg.num_heads / cfg.num_kv_heads)
+    for hw in analysis.GPUS.values():
+        assert not attention.compute_bound(hw)
+
+
+@pytest.mark.parametrize("context_len", [0, 128, 32_768])
+def test_weight_matmuls_turn_compute_bound_near_the_ridge_point_whatever_the_context(
+        context_len):
+    llama, h100 = PRESETS["llama-3-8b"], analysis.GPUS["H100-SXM"]
+
+    def first_compute_bound_batch():
+        lo, hi = 1, 10_000  # bisect: intensity grows with the batch
+        while lo < hi:
+            mid = (lo + hi) // 2
+            matmuls, _ = analysis.decode_step_operations(llama, context_len, batch_size=mid)
+            lo, hi = (lo, mid) if matmuls.compute_bound(h100) else (mid + 1, hi)
+        return lo
+
+    assert 290 <= first_compute_bound_batch() <= 320  # ridge point 295; ~1 FLOP/byte/token
+
+
+def test_decode_step_operations_rejects_bad_sizes():
+    with pytest.raises(ValueError, match="batch_size"):
+        analysis.decode_step_operations(TINY, 3, batch_size=0)
+    with pytest.raises(ValueError, match="context_len"):
+        analysis.decode_step_operations(TINY, -1)
+
+
+def test_gpus_hold_llama_3_8b_in_bf16():
+    names = {hw.name for hw in analysis.GPUS.values()}
+    assert "NVIDIA T4" not in names  # no bf16 tensor cores, and 16 GB is too small
+    assert analysis.GPUS["L4"].ridge_point == pytest.approx(121e12 / 300e9)

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+MAX_NOTEBOOK_BYTES = 3 * 2**20  # every state of every widget is stored in the notebook
 TIMING_CALLS = re.compile(r"\b(measure|sweep|decode_timings|time_[a-z_]+)\(")
 
 
@@ -56,6 +57,16 @@ def test_first_cell_installs_kvlib_from_the_configured_repository(path):
         f"({repo_url}); change both together"
     )
     assert 'device = "cuda" if torch.cuda.is_available() else "cpu"' in setup
+    tags = _code_cells(path)[0].get("metadata", {}).get("tags", [])
+    assert "hide-input" in tags, f"{path.name}: fold the setup cell in the HTML (hide-input tag)"
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.stem)
+def test_notebook_weighs_under_3_mb(path):
+    size = path.stat().st_size
+    assert size < MAX_NOTEBOOK_BYTES, (
+        f"{path.name} is {size / 2**20:.2f} MiB (limit 3 MiB): shrink widget grids or figures"
+    )
 
 
 @pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.stem)
@@ -66,7 +77,11 @@ def test_only_timing_cells_ignore_their_output(path):
         assert "nbval-skip" not in tags and "NBVAL_SKIP" not in source, (
             f"{path.name}: a skipped cell hides it from nbval:\n{source[:200]}"
         )
-        if "NBVAL_IGNORE_OUTPUT" in source or "nbval-ignore-output" in tags:
+        assert "NBVAL_IGNORE_OUTPUT" not in source, (
+            f"{path.name}: the HTML would show the comment; tag the cell nbval-ignore-output:\n"
+            f"{source[:200]}"
+        )
+        if "nbval-ignore-output" in tags:
             assert TIMING_CALLS.search(source), (
                 f"{path.name}: only cells that time something may ignore their output:\n"
                 f"{source[:200]}"

@@ -8,6 +8,7 @@ arithmetic. Widgets are driven by setting their controls, as a reader would.
 from __future__ import annotations
 
 import doctest
+import re
 
 import ipywidgets as W
 import matplotlib
@@ -21,6 +22,10 @@ from kvlib import analysis, viz, widgets
 from kvlib.cache.flat import FlatKVCache
 from kvlib.config import CacheConfig, Layout, ModelConfig
 from kvlib.experiments import demo_model
+from kvlib.viz import decoding as dviz
+from kvlib.widgets import decoding as dwidgets
+from kvlib.widgets import layouts as lwidgets
+from kvlib.widgets.live import STATE_CLASS
 
 matplotlib.use("Agg")
 
@@ -42,7 +47,7 @@ def ax():
 
 
 def test_doctests():
-    result = doctest.testmod(viz)
+    result = doctest.testmod(viz.layouts)
     assert result.attempted >= 3 and result.failed == 0
 
 
@@ -163,79 +168,123 @@ def test_plot_timings_one_line_per_series(ax):
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["a", "b"]
 
 
-# -- widgets --------------------------------------------------------------------------------------
-
-def _controls(widget):
-    return {c.description: c for c in widget.children if hasattr(c, "value")}
-
-
-def _last_axes():
-    return plt.gcf().axes
-
-
-def test_attention_work_widget(capsys):
-    w = widgets.attention_work_widget(max_context=12)
-    assert isinstance(w, W.interactive)
-    slider = _controls(w)["context S"]
-    assert isinstance(slider, W.IntSlider) and slider.max == 12
-    slider.value = 3
-    left, right = _last_axes()
-    assert "10 scores computed" in left.get_title() and "4 scores computed" in right.get_title()
-
-
-def test_step_cost_widget():
-    w = widgets.step_cost_widget()
-    controls = _controls(w)
-    assert isinstance(controls["model"], W.Dropdown)
-    assert list(controls["model"].options) == list(analysis.PRESETS)
-    controls["model"].value, controls["log2 S"].value = "gpt2", 10
-    (ax,) = _last_axes()
+def test_draw_step_cost_bars_legend_below_the_bars_and_shared_limits(ax):
+    presets = {k: analysis.PRESETS[k] for k in ("gpt2", "llama-3-70b")}
+    xlim = dviz.step_cost_range(presets, [16, 4096])
+    dviz.draw_step_cost_bars(ax, analysis.PRESETS["gpt2"], 1024, xlim=xlim)
     cfg = analysis.PRESETS["gpt2"]
     ratio = (analysis.decode_step_cost(cfg, 1024, cached=False).total_flops
              / analysis.decode_step_cost(cfg, 1024, cached=True).total_flops)
     assert f"{ratio:,.0f}x fewer FLOPs" in ax.get_title() and "S = 1,024" in ax.get_title()
+    widths = sorted(p.get_width() for p in ax.patches)
+    assert widths[-1] == analysis.decode_step_cost(cfg, 1024, cached=False).total_flops
+    assert ax.get_xlim() == (xlim[0] / 2, xlim[1] * 2)
+    assert xlim[0] <= widths[0] and widths[-1] <= xlim[1]
+    ax.figure.canvas.draw()
+    legend = ax.get_legend().get_window_extent()
+    axes_box = ax.get_window_extent()
+    assert legend.y1 < axes_box.y0  # wholly below the axes: never over a bar
 
 
-def test_cache_calculator_shows_the_formula(monkeypatch):
-    shown = []
-    monkeypatch.setattr(widgets, "display", lambda obj: shown.append(obj.data))
+# -- widgets --------------------------------------------------------------------------------------
+
+def _controls(widget):
+    return {c.description: c for c in widget.children[0].children}
+
+
+def _options(control):
+    return [label for label, _ in control.options]
+
+
+def _state_html(widget, **values):
+    """The HTML of the state the controls show for `values` (walking the nested stacks)."""
+    node = widget.children[1]
+    for name, control in _controls(widget).items():
+        node = node.children[_options(control).index(values[name])]
+    label, result = node.children
+    assert label.value.startswith(f'<div class="{STATE_CLASS}">')
+    return label.value + (result.value if isinstance(result, W.HTML) else repr(result))
+
+
+def test_attention_work_widget_grid():
+    w = widgets.attention_work_widget()
+    (slider,) = _controls(w).values()
+    assert isinstance(slider, W.SelectionSlider)
+    assert _options(slider) == ["1", "2", "4", "8", "16", "32"] and slider.index == 3
+    assert "<b>S = 16</b>" in _state_html(w, S="16") and "Image(" in _state_html(w, S="16")
+
+
+def test_step_cost_widget_grid():
+    w = widgets.step_cost_widget(context_lens=(16, 4096))
+    controls = _controls(w)
+    assert isinstance(controls["model"], W.Dropdown)
+    assert _options(controls["model"]) == list(analysis.PRESETS)
+    assert controls["model"].index == list(analysis.PRESETS).index("llama-3-8b")
+    assert _options(controls["S"]) == ["16", "4,096"] and controls["S"].index == 1
+    assert "<b>model = gpt2 · S = 16</b>" in _state_html(w, model="gpt2", S="16")
+
+
+def test_cache_size_table_shows_the_formula():
+    text = lwidgets.cache_size_table(analysis.PRESETS["llama-3-70b"], 8192, 32)
+    assert "2 x 80 layers x 8 KV heads x 128 dims" in text
+    cells = re.findall(r"<td[^>]*>([^<]*)</td>", text)
+    assert cells[:3] == ["655,360 B", "327,680 B", "163,840 B"]  # fp32 bf16 fp8
+    assert cells[4] == "80.0 GiB"  # 320 KiB x 8,192 x 32 in bf16
+    assert "hypothetical" not in text
+    assert "hypothetical" in lwidgets.cache_size_table(analysis.PRESETS["llama-3-8b"],
+                                                       131072, 1)
+
+
+def test_cache_calculator_grid():
     w = widgets.cache_calculator()
     controls = _controls(w)
-    assert set(controls) == {"model", "context", "batch", "dtype"}
-    controls["model"].value = "llama-3-70b"
-    controls["context"].value = 8192
-    controls["batch"].value = 32
-    text = shown[-1]
-    assert "2 x 80 layers x 8 KV heads x 128 dims x 2 B = 327,680 B" in text
-    assert "80.0 GiB" in text  # 320 KiB x 8,192 x 32
-    controls["dtype"].value = "fp32"
-    assert "655,360 B" in shown[-1]
+    assert set(controls) == {"model", "context", "batch"}
+    assert isinstance(controls["model"], W.Dropdown)
+    html = _state_html(w, model="llama-3-70b", context="8,192", batch="64")
+    assert "model = llama-3-70b · context = 8,192 · batch = 64" in html
+    assert re.findall(r"<td[^>]*>([^<]*)</td>", html)[4] == "160.0 GiB"  # bf16
+    assert len(_options(controls["model"])) * len(_options(controls["context"])) * len(
+        _options(controls["batch"])) <= 60
 
 
-def test_layout_widget_prints_a_real_caches_strides(capsys):
+def test_layout_state_prints_a_real_caches_strides():
+    # seq-major (B, Hkv, S, D) = (1, 3, 4, 8): strides (4*2*3*8, 8, 2*3*8, 1)
+    text = lwidgets.layout_state(Layout.SEQ_MAJOR, 3, 0)
+    assert "strides = (192, 8, 48, 1), contiguous: False" in text
+    text = lwidgets.layout_state(Layout.HEAD_MAJOR, 3, 0)
+    assert "strides = (96, 32, 8, 1), contiguous: True" in text
+
+
+def test_layout_state_says_when_the_head_does_not_exist(monkeypatch):
+    titles = []
+    monkeypatch.setattr(lwidgets, "figure_html", lambda fig: titles.append(
+        fig.axes[0].get_title()) or "")
+    lwidgets.layout_state(Layout.HEAD_MAJOR, 2, 3)
+    lwidgets.layout_state(Layout.HEAD_MAJOR, 2, 1)
+    assert titles == ["head_major: no head 3 with 2 KV heads, nothing outlined",
+                      "head_major: keys of head 1 outlined"]
+
+
+def test_layout_widget_grid():
     w = widgets.layout_widget()
     controls = _controls(w)
     assert isinstance(controls["layout"], W.ToggleButtons)
-    assert list(controls["layout"].options) == [x.value for x in Layout]
-    capsys.readouterr()
-    controls["KV heads"].value = 3
-    out = capsys.readouterr().out
-    # seq-major (B, Hkv, S, D) = (1, 3, 4, 8): strides (4*2*3*8, 8, 2*3*8, 1)
-    assert "strides = (192, 8, 48, 1), contiguous: False" in out
-    controls["layout"].value = "head_major"
-    assert "strides = (96, 32, 8, 1), contiguous: True" in capsys.readouterr().out
-    controls["KV heads"].value, controls["head"].value = 1, 3  # head clamps to the last one
-    assert "head 0" in _last_axes()[0].get_title()
+    assert _options(controls["layout"]) == [x.value for x in Layout]
+    assert _options(controls["kv_heads"]) == ["1", "2", "4"] and controls["kv_heads"].index == 1
+    html = _state_html(w, layout="head_major", kv_heads="4", head="2")
+    assert "layout = head_major · kv_heads = 4 · head = 2" in html
+    assert "strides = (128, 32, 8, 1)" in html
 
 
-def test_cache_fill_widget_counts_a_real_generations_cache():
+def test_cache_fill_widget_counts_a_real_generations_cache(monkeypatch):
+    drawn = []
+    monkeypatch.setattr(dwidgets.dviz, "draw_cache_fill",
+                        lambda ax, prompt_len, used, room: drawn.append((prompt_len, used, room)))
     model = demo_model(TINY)
     prompt = torch.zeros(1, 6, dtype=torch.int64)  # (1, P)
-    w = widgets.cache_fill_widget(model, prompt, max_seq_len=32)
-    slider = _controls(w)["generated"]
-    assert isinstance(slider, W.IntSlider) and slider.max == 32 - 6 + 1
-    slider.value = 5  # the prompt and 4 of the 5 new tokens went through the model
-    (ax,) = _last_axes()
-    assert "10 of 32 token slots in use (31%)" in ax.get_xlabel()
-    slider.value = slider.max
-    assert "32 of 32 token slots in use (100%)" in _last_axes()[0].get_xlabel()
+    w = widgets.cache_fill_widget(model, prompt, max_seq_len=32, new_tokens=(1, 5, 27))
+    # The prompt and all but the last new token went through the model.
+    assert drawn == [(6, 6, 32), (6, 10, 32), (6, 32, 32)]
+    assert "<b>generated = 5</b>" in _state_html(w, generated="5")
+    with pytest.raises(ValueError, match="do not fit"):
+        widgets.cache_fill_widget(model, prompt, max_seq_len=32, new_tokens=(28,))

@@ -13,7 +13,12 @@ second control, and so on.
 runs `render(context=..., dtype=...)` 3 x 2 = 6 times. `render` returns a matplotlib Figure
 (shown as a PNG), a string of HTML, or any ipywidget. Every state is labelled with the values
 that made it ("context = 1,024 · dtype = fp8"), above its output, so a reader (and the book's
-browser check) can tell which state is shown.
+browser check) can tell which state is shown: each state is a VBox of that label (an `HTML`
+widget) and the result (a figure as an `Image`, a string as `HTML`, a widget as itself).
+
+In the browser a `Stack` draws only its selected child, so exactly one label per widget is
+on the page at a time. The book's browser check (tests/browser) moves every control of every
+widget and reads that label.
 
 Grid sizes multiply: keep each control to a handful of values chosen to keep what the widget
 teaches (powers of two for a context length, say), and render figures small. `MAX_STATES`
@@ -22,6 +27,7 @@ guards against a grid that would make the page heavy.
 
 from __future__ import annotations
 
+import base64
 import html
 import io
 import itertools
@@ -35,9 +41,11 @@ from matplotlib.figure import Figure
 MAX_STATES = 160
 DPI = 72  # small PNGs: each state is embedded in the notebook and the HTML page
 
-# The CSS class of a state's label. tests/browser reads it to check that moving a control
-# shows the state it names.
+# CSS classes: the whole widget, and a state's label. tests/browser reads them to check that
+# moving a control shows the state it names.
+WIDGET_CLASS = "kv-live"
 STATE_CLASS = "kv-live-state"
+KINDS = ("slider", "dropdown", "toggle")
 
 
 def format_value(value: Any) -> str:
@@ -64,7 +72,13 @@ def figure_png(fig: Figure, dpi: int = DPI) -> bytes:
     return buffer.getvalue()
 
 
-def _as_widget(result: Any, dpi: int) -> W.Widget:
+def figure_html(fig: Figure, dpi: int = DPI) -> str:
+    """A figure as an `<img>` with the PNG inline (a data URL), then closed."""
+    data = base64.b64encode(figure_png(fig, dpi)).decode("ascii")
+    return f'<img src="data:image/png;base64,{data}" alt="figure" style="max-width: 100%">'
+
+
+def _as_widget(result: Any, values: dict[str, Any], dpi: int) -> W.Widget:
     if isinstance(result, Figure):
         return W.Image(value=figure_png(result, dpi), format="png")
     if isinstance(result, str):
@@ -72,7 +86,13 @@ def _as_widget(result: Any, dpi: int) -> W.Widget:
     if isinstance(result, W.Widget):
         return result
     raise TypeError(f"render must return a matplotlib Figure, an HTML string or a widget, "
-                    f"got {type(result).__name__}")
+                    f"got {type(result).__name__} for {state_label(values)}")
+
+
+def _state(values: dict[str, Any], result: Any, dpi: int) -> W.VBox:
+    """One state: a VBox of its label (class STATE_CLASS) and `render`'s result as a widget."""
+    label = W.HTML(f'<div class="{STATE_CLASS}"><b>{html.escape(state_label(values))}</b></div>')
+    return W.VBox([label, _as_widget(result, values, dpi)])
 
 
 def _control(name: str, options: Sequence[Any], kind: str, default: Any) -> W.Widget:
@@ -86,8 +106,7 @@ def _control(name: str, options: Sequence[Any], kind: str, default: Any) -> W.Wi
         return W.Dropdown(options=labels, value=index, description=name, style=style)
     if kind == "toggle":
         return W.ToggleButtons(options=labels, value=index, description=name, style=style)
-    raise ValueError(f"control kind for {name!r} must be 'slider', 'dropdown' or 'toggle', "
-                     f"got {kind!r}")
+    raise AssertionError(f"unchecked control kind {kind!r}")  # live checks kinds first
 
 
 def live(render: Callable[..., Any], *, kinds: dict[str, str] | None = None,
@@ -105,8 +124,24 @@ def live(render: Callable[..., Any], *, kinds: dict[str, str] | None = None,
         **grid: control name -> the values it offers, in order (at least one each).
 
     Returns:
-        A VBox: the controls, then the stack of states. Each state is a VBox of its label
-        (class `STATE_CLASS`) and `render`'s output.
+        A VBox (class `WIDGET_CLASS`): the controls, then the stack of states. Each state shows
+        its label (class `STATE_CLASS`) above `render`'s output.
+
+    Raises:
+        ValueError: no controls, an empty or string grid, repeated values in a grid, a kind or
+            default for a name that is not a control, an unknown kind, a default not in its
+            grid, or more than MAX_STATES states. Nothing is rendered then.
+        TypeError: `render` returned something that is not a Figure, a str or a widget.
+
+    >>> w = live(lambda n, mode: f"<p>{n} {mode}</p>", n=[1, 2, 4], mode=["a", "b"])
+    >>> [type(c).__name__ for c in w.children[0].children]  # numbers slide, strings drop down
+    ['SelectionSlider', 'Dropdown']
+    >>> outer = w.children[1]  # the first control picks an inner stack, the second a state
+    >>> len(outer.children), len(outer.children[0].children)
+    (3, 2)
+    >>> label, result = outer.children[2].children[1].children
+    >>> label.value, result.value
+    ('<div class="kv-live-state"><b>n = 4 · mode = b</b></div>', '<p>4 b</p>')
     """
     if not grid:
         raise ValueError("live needs at least one control: pass name=[values, ...]")
@@ -115,12 +150,18 @@ def live(render: Callable[..., Any], *, kinds: dict[str, str] | None = None,
         if isinstance(options, str) or len(options) == 0:
             raise ValueError(f"control {name!r} needs a non-empty sequence of values, "
                              f"got {options!r}")
+        labels = [format_value(v) for v in options]
+        if len(set(labels)) != len(labels):  # a label must name one state
+            raise ValueError(f"control {name!r} has repeated values: {list(options)}")
         if name in defaults and defaults[name] not in options:
             raise ValueError(f"default {defaults[name]!r} of {name!r} is not among its "
                              f"values {list(options)}")
     for name in (*kinds, *defaults):
         if name not in grid:
             raise ValueError(f"{name!r} is not a control; controls: {list(grid)}")
+    for name, kind in kinds.items():
+        if kind not in KINDS:
+            raise ValueError(f"control kind for {name!r} must be one of {KINDS}, got {kind!r}")
     num_states = 1
     for options in grid.values():
         num_states *= len(options)
@@ -138,9 +179,7 @@ def live(render: Callable[..., Any], *, kinds: dict[str, str] | None = None,
     states = {}
     for point in itertools.product(*(range(len(grid[n])) for n in names)):
         values = {n: grid[n][i] for n, i in zip(names, point)}
-        label = W.HTML(f'<div class="{STATE_CLASS}"><b>{html.escape(state_label(values))}'
-                       f'</b></div>')
-        states[point] = W.VBox([label, _as_widget(render(**values), dpi)])
+        states[point] = _state(values, render(**values), dpi)
 
     def nest(prefix: tuple[int, ...]) -> W.Widget:
         depth = len(prefix)
@@ -152,4 +191,6 @@ def live(render: Callable[..., Any], *, kinds: dict[str, str] | None = None,
         W.jslink((control, "index"), (stack, "selected_index"))
         return stack
 
-    return W.VBox([W.VBox(controls), nest(())])
+    widget = W.VBox([W.VBox(controls), nest(())])
+    widget.add_class(WIDGET_CLASS)
+    return widget

@@ -8,8 +8,14 @@ screenshot to _build/screenshots/<name>.png, and fails, naming the page, if:
 - a widget in the page's saved widget state was not rendered by the widget manager;
 - the page throws a JavaScript error, a local file it asks for is missing, or it asks for
   anything over the network (the book must work offline);
-- a notebook page has no Colab launch link to its own .ipynb.
-Chromium is Debian's (`apt-get install chromium`); Playwright never downloads a browser.
+- a notebook page has no Colab launch link to its own .ipynb;
+- the page weighs 5 MB or more.
+Then the reader's test: every widget made with `kvlib.widgets.live` (found from its state
+labels, class `kv-live-state`) is moved through every value of every control as a reader would (keys on a slider, a choice in a
+dropdown, a click on a toggle button), and the test fails unless, after each move, the one
+visible state label (class `kv-live-state`) names exactly the values the controls show.
+Chromium is Debian's (`make test` installs it with apt when it can); Playwright never
+downloads a browser.
 """
 
 from __future__ import annotations
@@ -39,6 +45,8 @@ LOCAL_SCHEMES = {"file", "data", "blob", "about"}
 WIDGET_VIEW = 'script[type="application/vnd.jupyter.widget-view+json"]'
 # stderr is shown as is (progress bars write there); these words make it an error.
 STDERR_ERROR = re.compile(r"Traceback|Error\b|Exception\b|Warning\b")
+MAX_PAGE_BYTES = 5 * 2**20
+STATE_SETTLE_MS = 10_000  # how long a move may take to show its state
 
 
 def toc_pages() -> list[str]:
@@ -184,5 +192,199 @@ def test_page_renders_offline(browser, page_name: str) -> None:
     finally:
         context.close()
 
+    if problems:
+        pytest.fail(f"{page_name}.html:\n  " + "\n  ".join(problems), pytrace=False)
+
+
+@pytest.mark.parametrize("page_name", PAGES, ids=[Path(p).name for p in PAGES])
+def test_page_weighs_under_5_mb(page_name: str) -> None:
+    path = HTML / f"{page_name}.html"
+    if not path.exists():
+        pytest.fail(f"{path.relative_to(ROOT)} is missing: run `make book` first", pytrace=False)
+    size = path.stat().st_size
+    assert size < MAX_PAGE_BYTES, (
+        f"{page_name}.html is {size / 2**20:.2f} MiB (limit 5 MiB): shrink widget grids or figures"
+    )
+
+
+# Runs in the page, on one live widget: its controls as the reader sees them, and the text
+# of every state label that is visible (a Stack draws only its selected child).
+READ_LIVE_WIDGET = """
+(w) => {
+  const controls = Array.from(w.children[0].children).map((c) => {
+    const name = (c.querySelector(".widget-label") || {}).textContent || "?";
+    if (c.querySelector("select")) {
+      const s = c.querySelector("select");
+      return {name, kind: "dropdown", value: s.selectedOptions[0].text,
+              options: Array.from(s.options).map((o) => o.text)};
+    }
+    if (c.querySelector(".widget-toggle-button")) {
+      const buttons = Array.from(c.querySelectorAll(".widget-toggle-button"));
+      const active = buttons.find((b) => b.classList.contains("mod-active"));
+      return {name, kind: "toggle", value: active ? active.textContent.trim() : null,
+              options: buttons.map((b) => b.textContent.trim())};
+    }
+    if (c.querySelector(".noUi-handle")) {
+      const readout = c.querySelector(".widget-readout");
+      return {name, kind: "slider", value: readout ? readout.textContent.trim() : null,
+              options: null};
+    }
+    return {name, kind: "unknown", value: null, options: null};
+  });
+  const labels = Array.from(w.querySelectorAll(".kv-live-state"))
+    .filter((el) => el.checkVisibility())
+    .map((el) => el.textContent.trim());
+  return {controls, labels};
+}
+"""
+
+
+# Runs in the page: how many live widgets the page's saved widget state holds. Each has one
+# outermost Stack (a Stack that is no other Stack's child).
+SAVED_LIVE_WIDGETS = """
+() => {
+  let count = 0;
+  for (const s of document.querySelectorAll('script[type="application/vnd.jupyter.widget-state+json"]')) {
+    const models = JSON.parse(s.textContent).state || {};
+    const stacks = Object.keys(models).filter((id) => models[id].model_name === "StackModel");
+    const inner = new Set();
+    for (const id of stacks) {
+      for (const child of models[id].state.children || []) inner.add(child.replace("IPY_MODEL_", ""));
+    }
+    count += stacks.filter((id) => !inner.has(id)).length;
+  }
+  return count;
+}
+"""
+# Runs in the page: marks the root of every live widget on it with data-kv-live="i" and
+# returns how many. From each state label (a Stack draws only its selected child, so one per
+# widget) up through its state's VBox and the nested Stacks (boxes neither V nor H) to the
+# widget's VBox: the controls, then the outermost Stack.
+MARK_LIVE_WIDGETS = """
+() => {
+  const isStack = (e) => e.classList.contains("widget-box")
+    && !e.classList.contains("widget-vbox") && !e.classList.contains("widget-hbox");
+  const roots = [];
+  for (const label of document.querySelectorAll(".kv-live-state")) {
+    let e = label.closest(".widget-html");  // the label, or the whole state if it is one HTML
+    if (e.parentElement && !isStack(e.parentElement)) e = e.parentElement;  // the state's VBox
+    let top = null;
+    while (e.parentElement && isStack(e.parentElement)) { e = e.parentElement; top = e; }
+    if (top && !roots.includes(top.parentElement)) roots.push(top.parentElement);
+  }
+  roots.forEach((root, i) => root.setAttribute("data-kv-live", String(i)));
+  return roots.length;
+}
+"""
+
+
+def _expected_label(controls: list[dict]) -> str:
+    """What kvlib.widgets.live.state_label writes for the values the controls show."""
+    return " · ".join(f"{c['name']} = {c['value']}" for c in controls)
+
+
+def _plain(text: str | None) -> str | None:
+    """Dropdown options show spaces as no-break spaces; labels do not."""
+    return None if text is None else text.replace("\xa0", " ")
+
+
+def _shows(widget, expected_values: dict[str, str]) -> str | None:
+    """None once the controls show `expected_values` and the one visible label names them all;
+    otherwise what is wrong."""
+    seen = widget.evaluate(READ_LIVE_WIDGET)
+    for control in seen["controls"]:
+        control["value"] = _plain(control["value"])
+    shown = {c["name"]: c["value"] for c in seen["controls"]}
+    for name, value in expected_values.items():
+        if shown.get(name) != _plain(value):
+            return f"control {name!r} shows {shown.get(name)!r}, not {_plain(value)!r}"
+    if [_plain(label) for label in seen["labels"]] != [_expected_label(seen["controls"])]:
+        return (f"controls show {_expected_label(seen['controls'])!r} but the visible state "
+                f"label(s) read {seen['labels']}")
+    return None
+
+
+def _wait_shows(page, widget, expected_values: dict[str, str]) -> str | None:
+    deadline = STATE_SETTLE_MS
+    problem = _shows(widget, expected_values)
+    while problem and deadline > 0:
+        page.wait_for_timeout(100)
+        deadline -= 100
+        problem = _shows(widget, expected_values)
+    return problem
+
+
+def move_every_control(page, widget) -> tuple[list[str], int]:
+    """Move each control of one live widget through all its values; (problems, moves)."""
+    problems, moves = [], 0
+    start = widget.evaluate(READ_LIVE_WIDGET)
+    if len(start["labels"]) != 1:
+        return [f"{len(start['labels'])} visible state labels before any move, not 1"], 0
+    for index, control in enumerate(start["controls"]):
+        element = widget.locator(":scope > :first-child > *").nth(index)
+        name = control["name"]
+        if control["kind"] == "dropdown":
+            for option in control["options"]:
+                element.locator("select").select_option(label=option)
+                moves += 1
+                if problem := _wait_shows(page, widget, {name: option}):
+                    problems.append(f"dropdown {name!r} -> {option!r}: {problem}")
+        elif control["kind"] == "toggle":
+            for option in control["options"]:
+                element.locator(".widget-toggle-button", has_text=option).first.click()
+                moves += 1
+                if problem := _wait_shows(page, widget, {name: option}):
+                    problems.append(f"toggle {name!r} -> {option!r}: {problem}")
+        elif control["kind"] == "slider":
+            handle = element.locator(".noUi-handle").first
+            handle.focus()
+            handle.press("Home")
+            if problem := _wait_shows(page, widget, {}):
+                problems.append(f"slider {name!r} -> first value: {problem}")
+            visited = [widget.evaluate(READ_LIVE_WIDGET)["controls"][index]["value"]]
+            while True:  # one key press per value, as a reader steps through them
+                handle.press("ArrowRight")
+                moves += 1
+                page.wait_for_timeout(50)
+                value = widget.evaluate(READ_LIVE_WIDGET)["controls"][index]["value"]
+                if value == visited[-1] or value in visited:
+                    break  # the last value: the key press moved nothing
+                visited.append(value)
+                if problem := _wait_shows(page, widget, {name: value}):
+                    problems.append(f"slider {name!r} -> {value!r}: {problem}")
+            if len(visited) < 2:
+                problems.append(f"slider {name!r}: the arrow key did not move it from "
+                                f"{visited[0]!r}")
+        else:
+            problems.append(f"control {name!r}: not a slider, dropdown or toggle buttons")
+    return problems, moves
+
+
+@pytest.mark.parametrize("page_name", PAGES, ids=[Path(p).name for p in PAGES])
+def test_every_control_of_every_widget_shows_the_state_it_names(browser, page_name: str) -> None:
+    path = HTML / f"{page_name}.html"
+    if not path.exists():
+        pytest.fail(f"{path.relative_to(ROOT)} is missing: run `make book` first", pytrace=False)
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    try:
+        page.goto(path.as_uri(), wait_until="load")
+        try:
+            page.wait_for_function(WIDGETS_RENDERED, arg=WIDGET_VIEW, timeout=20_000, polling=250)
+        except PlaywrightTimeout:  # test_page_renders_offline names what did not render
+            pass
+        problems, moves = [], 0
+        saved, found = page.evaluate(SAVED_LIVE_WIDGETS), page.evaluate(MARK_LIVE_WIDGETS)
+        if found != saved:  # a widget that is not on the page cannot be moved
+            problems.append(f"{saved} live widgets in the saved widget state, {found} on the page")
+        for i in range(found):
+            widget = page.locator(f'[data-kv-live="{i}"]')
+            widget.scroll_into_view_if_needed()
+            wrong, n = move_every_control(page, widget)
+            moves += n
+            problems += [f"widget {i + 1}: {p}" for p in wrong]
+        print(f"{page_name}: {found} live widgets, {moves} moves")
+    finally:
+        context.close()
     if problems:
         pytest.fail(f"{page_name}.html:\n  " + "\n  ".join(problems), pytrace=False)
