@@ -1,4 +1,4 @@
-"""kvlib.analysis on real models: KV bytes per token written out from each public config.json.
+"""kvlib.real_models: KV bytes per token written out from each public config.json.
 
 Each figure below is arithmetic on the numbers of the config named beside it, in bf16 (2
 bytes): K and V (2) x layers x KV heads x head_dim x 2 bytes, or for MLA layers x
@@ -11,12 +11,11 @@ import math
 
 import pytest
 
-from kvlib.analysis import (
-    PRESETS,
+from kvlib.analysis import PRESETS, kv_bytes_per_token
+from kvlib.real_models import (
     REAL_MODELS,
     MLAConfig,
     cache_bytes,
-    kv_bytes_per_token,
     kv_heads_per_gpu,
     max_sequences,
     model_params,

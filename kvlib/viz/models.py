@@ -1,6 +1,6 @@
 """Chapter 8's drawings: sliding-window masks and ring buffers, real models' caches side by side.
 
-Every number drawn comes from `kvlib.analysis` (`REAL_MODELS`, `cache_bytes`,
+Every number drawn comes from `kvlib.real_models` (`REAL_MODELS`, `cache_bytes`,
 `weight_bytes_per_gpu`, `max_sequences`); nothing is computed here that a test does not check
 there.
 """
@@ -13,8 +13,9 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.patches import Rectangle
 
-from kvlib import analysis
-from kvlib.analysis import MLAConfig, ModelConfig
+from kvlib import analysis, real_models
+from kvlib.config import ModelConfig
+from kvlib.real_models import MLAConfig
 
 Model = ModelConfig | MLAConfig
 
@@ -25,8 +26,8 @@ WEIGHT_DTYPE = {"deepseek-v3": "fp8"}
 def attention_kind(model: Model) -> str:
     """'MHA', 'GQA', 'MQA' or 'MLA'.
 
-    >>> attention_kind(analysis.REAL_MODELS["llama-3-8b"]), attention_kind(
-    ...     analysis.REAL_MODELS["deepseek-v3"])
+    >>> attention_kind(real_models.REAL_MODELS["llama-3-8b"]), attention_kind(
+    ...     real_models.REAL_MODELS["deepseek-v3"])
     ('GQA', 'MLA')
     """
     if isinstance(model, MLAConfig):
@@ -57,7 +58,7 @@ def comparison_table(models: Mapping[str, Model], context_lens: Sequence[int],
     """A text table: per model, its attention, window, KV bytes per token (right and by the
     naive formula) and the cache of one sequence at each context, '-' past its max context.
 
-    >>> print(comparison_table({"mistral-7b-v0.1": analysis.REAL_MODELS["mistral-7b-v0.1"]},
+    >>> print(comparison_table({"mistral-7b-v0.1": real_models.REAL_MODELS["mistral-7b-v0.1"]},
     ...                        [4096, 32768]))
     model            attn  KV heads x dim  window            KV/token KiB  naive KiB    4,096 GiB   32,768 GiB
     mistral-7b-v0.1  GQA          8 x 128  4,096 (all)              128.0      512.0         0.50         0.50
@@ -69,10 +70,10 @@ def comparison_table(models: Mapping[str, Model], context_lens: Sequence[int],
         shape = (f"latent {m.kv_lora_rank}+{m.qk_rope_head_dim}" if isinstance(m, MLAConfig)
                  else f"{m.num_kv_heads} x {m.head_dim}")
         cells = "".join(
-            f"  {analysis.cache_bytes(m, c, 1, dtype) / 2**30:>11.2f}" if c <= m.max_seq_len
+            f"  {real_models.cache_bytes(m, c, 1, dtype) / 2**30:>11.2f}" if c <= m.max_seq_len
             else f"  {'-':>11}" for c in context_lens)
         lines.append(f"{name:<15}  {attention_kind(m):<4}  {shape:>14}  {window_text(m):<16}  "
-                     f"{analysis.token_bytes(m, dtype) / 2**10:>12.1f}  "
+                     f"{real_models.token_bytes(m, dtype) / 2**10:>12.1f}  "
                      f"{naive_token_bytes(m, dtype) / 2**10:>9.1f}{cells}")
     return "\n".join(lines)
 
@@ -121,11 +122,11 @@ def plot_cache_vs_context(ax: Axes, models: Mapping[str, Model], context_lens: S
     """GiB of one sequence's cache on each GPU against context, up to each model's maximum."""
     for name, m in models.items():
         try:
-            analysis.kv_heads_per_gpu(m, tp)
+            real_models.kv_heads_per_gpu(m, tp)
         except ValueError:
             continue  # this model cannot be split over tp GPUs
         xs = [c for c in context_lens if c <= m.max_seq_len]
-        ys = [analysis.cache_bytes(m, c, 1, dtype, tp) / 2**30 for c in xs]
+        ys = [real_models.cache_bytes(m, c, 1, dtype, tp) / 2**30 for c in xs]
         ax.plot(xs, ys, marker=".", label=name)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
@@ -149,7 +150,7 @@ def plot_gpu_memory(ax: Axes, models: Mapping[str, Model], context_len: int, bat
         m = models[name]
         wdt = WEIGHT_DTYPE.get(name, "bf16")
         try:
-            weights = analysis.weight_bytes_per_gpu(m, wdt, tp) / 1e9
+            weights = real_models.weight_bytes_per_gpu(m, wdt, tp) / 1e9
         except ValueError:
             ax.text(1.02, i, f"{m.num_heads} heads do not split over {tp} GPUs",
                     transform=ax.get_yaxis_transform(), va="center", fontsize=7, color="gray")
@@ -158,9 +159,9 @@ def plot_gpu_memory(ax: Axes, models: Mapping[str, Model], context_len: int, bat
         if context_len > m.max_seq_len:  # no cache drawn: the model cannot read that far
             note = f"context > its max {m.max_seq_len:,}"
         else:
-            cache = analysis.cache_bytes(m, context_len, batch_size, dtype, tp) / 1e9
+            cache = real_models.cache_bytes(m, context_len, batch_size, dtype, tp) / 1e9
             ax.barh(i, cache, left=weights, color="tab:blue", label=labels.pop("cache", None))
-            fit = analysis.max_sequences(m, context_len, gpu, dtype=dtype, weight_dtype=wdt,
+            fit = real_models.max_sequences(m, context_len, gpu, dtype=dtype, weight_dtype=wdt,
                                          tp=tp)
             note = "weights do not fit" if weights * 1e9 >= gpu else f"fits {fit:,} seqs"
         ax.text(1.02, i, note, transform=ax.get_yaxis_transform(), va="center", fontsize=7)

@@ -13,7 +13,7 @@ import ipywidgets as W
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 
-from kvlib import analysis
+from kvlib import real_models
 from kvlib.viz import models as mviz
 from kvlib.widgets.live import live
 
@@ -34,7 +34,7 @@ def gpu_memory_figure(models: Mapping[str, mviz.Model], context: int, batch: int
 def gpu_memory_widget(models: Mapping[str, mviz.Model] | None = None,
                       grid: Mapping[str, list] | None = None) -> W.VBox:
     """Context, batch, cache dtype, GPU memory (GB) and tensor-parallel degree, all models."""
-    models = analysis.REAL_MODELS if models is None else models
+    models = real_models.REAL_MODELS if models is None else models
     grid = GRID if grid is None else grid
 
     def render(**values) -> Figure:
