@@ -7,9 +7,10 @@ whole cache every step; this kernel walks the block table instead, with an onlin
 each key and value once and copies nothing. The G = H / Hkv query heads of one KV head are
 served together, so each block tile is loaded once per group, not once per query head.
 
-Compiled with numba (parallel over sequences x KV heads); float32 and float64 only. Where
-numba is missing or the dtype or device does not fit, `paged_decode_attention` falls back to
-the reference, so callers never need to check.
+Compiled with numba (parallel over sequences x KV heads; its matrix products call SciPy's
+BLAS); float32 and float64 only. Where numba or SciPy is missing, or the dtype or device does
+not fit, `paged_decode_attention` falls back to the reference, so callers never need to
+check.
 
 Legend: B sequences, H query heads, Hkv KV heads, G = H / Hkv, D head dim, NB blocks,
 BS block size, M blocks per table.
@@ -27,7 +28,8 @@ from kvlib.cache.contract import PagedKV
 
 try:
     import numba
-except ImportError:  # pragma: no cover - numba is a dependency; this keeps kvlib importable
+    import scipy  # noqa: F401  (numba's np.dot calls SciPy's BLAS)
+except ImportError:  # pragma: no cover - both are dependencies; this keeps kvlib importable
     numba = None
 
 
@@ -91,52 +93,36 @@ _NUMPY = {torch.float32, torch.float64}
 
 
 def _decode_kernel(q, k_pool, v_pool, block_tables, context_lens, out):
-    # q arrives scaled by 1/sqrt(D). Every accumulator starts from `zero`, a value of the
-    # inputs' dtype: a Python 0.0 would be float64 and stop float32 loops from vectorising.
+    # q arrives scaled by 1/sqrt(D). One block is one (BS, D) tile per head: the group's
+    # scores are one small matrix product (G, D) x (D, n) and its values another
+    # (G, n) x (n, D); numba hands both to BLAS, which vectorises them far better than
+    # loops over d would be.
     B, H, D = q.shape
     Hkv, BS = k_pool.shape[1], k_pool.shape[2]
     G = H // Hkv
-    zero = q[0, 0, 0] * 0
     for job in numba.prange(B * Hkv):  # one (sequence, KV head) per job
         b, h = job // Hkv, job % Hkv
         S = context_lens[b]
-        qg = np.empty((G, D), dtype=q.dtype)  # (G, D) the query heads of this KV group,
-        qg[:] = q[b, h * G:(h + 1) * G]  # copied: a contiguous local array vectorises
+        qg = np.ascontiguousarray(q[b, h * G:(h + 1) * G])  # (G, D) this KV group's queries
         m_i = np.full(G, -np.inf, dtype=q.dtype)  # running max of scores
         l_i = np.zeros(G, dtype=q.dtype)  # running sum of exp(score - m_i)
         acc = np.zeros((G, D), dtype=q.dtype)  # running sum of exp(score - m_i) * v
-        scores = np.empty((G, BS), dtype=q.dtype)
         for j in range((S + BS - 1) // BS):
             block = block_tables[b, j]
             n = min(BS, S - j * BS)  # tokens used in this block (the last may be partial)
-            k_tile = k_pool[block, h]  # (BS, D) contiguous: one head's keys of one block
-            v_tile = v_pool[block, h]
-            for t in range(n):  # scores of this block, every head of the group
-                for g in range(G):
-                    s = zero
-                    for d in range(D):
-                        s += qg[g, d] * k_tile[t, d]
-                    scores[g, t] = s
+            scores = np.dot(qg, k_pool[block, h, :n].T)  # (G, n), read in place
             for g in range(G):
-                m_new = m_i[g]
-                for t in range(n):
-                    m_new = max(m_new, scores[g, t])
+                m_new = max(m_i[g], scores[g].max())
                 alpha = np.exp(m_i[g] - m_new)  # rescales what was summed under the old max
                 l_i[g] *= alpha
-                for d in range(D):
-                    acc[g, d] *= alpha
+                acc[g] *= alpha
                 m_i[g] = m_new
                 for t in range(n):
-                    scores[g, t] = np.exp(scores[g, t] - m_new)
-                    l_i[g] += scores[g, t]
-            for t in range(n):  # acc += p V, reading each value row once for the group
-                for g in range(G):
-                    p = scores[g, t]
-                    for d in range(D):
-                        acc[g, d] += p * v_tile[t, d]
+                    scores[g, t] = np.exp(scores[g, t] - m_new)  # p, unnormalised
+                l_i[g] += scores[g].sum()
+            acc += np.dot(scores, v_pool[block, h, :n])  # (G, D) += (G, n) x (n, D)
         for g in range(G):
-            for d in range(D):
-                out[b, h * G + g, d] = acc[g, d] / l_i[g]
+            out[b, h * G + g] = acc[g] / l_i[g]
 
 
 if numba is not None:
