@@ -20,6 +20,7 @@ import torch
 from kvlib.bench import Timing, measure
 from kvlib.config import ModelConfig
 from kvlib.engine import BatchedInferenceEngine, EngineMetrics, RequestOutput
+from kvlib.hf import kvlib_name
 from kvlib.model import TransformerLM
 from kvlib.sampling import SamplingParams
 from kvlib.scheduler import Request
@@ -79,10 +80,7 @@ def to_huggingface(model: TransformerLM):
         hidden_act="silu", bos_token_id=None, eos_token_id=None, pad_token_id=0)
     hf = transformers.LlamaForCausalLM(hf_cfg).eval()
     ours = model.state_dict()
-    mapped = {name: ours[name.removeprefix("model.").replace("embed_tokens", "embed")
-                         .replace("self_attn", "attn").replace("input_layernorm", "attn_norm")
-                         .replace("post_attention_layernorm", "mlp_norm")]
-              for name in hf.state_dict()}
+    mapped = {name: ours[kvlib_name(name)] for name in hf.state_dict()}  # hf.py's renaming
     hf.load_state_dict(mapped, strict=True)
     return hf.to(model.embed.weight.dtype)
 
