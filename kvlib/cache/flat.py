@@ -28,7 +28,7 @@ from collections.abc import Sequence
 
 import torch
 
-from kvlib.cache.contract import DenseKV, StepBatch, check_new_kv
+from kvlib.cache.contract import DenseKV, StepBatch
 from kvlib.cache.slots import SlotTable
 from kvlib.checks import require_int
 from kvlib.config import CacheConfig, Layout
@@ -81,21 +81,14 @@ class FlatKVCache:
         return self._slots.begin(seq_ids, query_lens, self.config.device)
 
     def write(self, layer: int, batch: StepBatch, k: torch.Tensor, v: torch.Tensor) -> None:
-        self._check_layer(layer)
-        self._slots.ledger.check(batch)
-        cfg = self.config
-        check_new_kv(k, v, batch.num_tokens, cfg.num_kv_heads, cfg.head_dim, cfg.dtype,
-                     cfg.device)
-        rows = batch.slot_mapping // cfg.max_seq_len  # (N,)
-        pos = batch.slot_mapping % cfg.max_seq_len  # (N,)
+        rows, pos = self._slots.check_write(self.config, layer, batch, k, v)  # (N,), (N,)
         # detach: the cache stores values, never autograd history
         self.keys(layer)[rows, :, pos] = k.detach()  # (N, Hkv, D) into (B, Hkv, S, D)
         self.values(layer)[rows, :, pos] = v.detach()
         self._slots.ledger.wrote(layer)
 
     def read(self, layer: int, batch: StepBatch) -> DenseKV:
-        self._check_layer(layer)
-        self._slots.ledger.check(batch)
+        self._slots.check_read(self.config, layer, batch)
         rows = list(batch.seq_ids)
         S = int(batch.context_lens.max())
         keys, values = self.keys(layer), self.values(layer)  # (B_max, Hkv, S_max, D)

@@ -37,7 +37,7 @@ from collections.abc import Sequence
 
 import torch
 
-from kvlib.cache.contract import DenseKV, StepBatch, check_new_kv, check_query_lens
+from kvlib.cache.contract import DenseKV, StepBatch, check_query_lens
 from kvlib.cache.slots import SlotTable
 from kvlib.checks import require_int
 from kvlib.config import CacheConfig, ModelConfig
@@ -104,13 +104,8 @@ class RingKVCache:
         return self._slots.begin(seq_ids, lens, self.config.device)
 
     def write(self, layer: int, batch: StepBatch, k: torch.Tensor, v: torch.Tensor) -> None:
-        self._check_layer(layer)
-        self._slots.ledger.check(batch)
-        cfg = self.config
-        check_new_kv(k, v, batch.num_tokens, cfg.num_kv_heads, cfg.head_dim, cfg.dtype,
-                     cfg.device)
-        rows = batch.slot_mapping // cfg.max_seq_len  # (N,)
-        ring = (batch.slot_mapping % cfg.max_seq_len) % self.capacities[layer]  # (N,)
+        rows, pos = self._slots.check_write(self.config, layer, batch, k, v)  # (N,), (N,)
+        ring = pos % self.capacities[layer]  # (N,) slot of each position in this layer's ring
         self.k[layer][rows, :, ring] = k.detach()  # (N, Hkv, D) into (B, Hkv, C, D)
         self.v[layer][rows, :, ring] = v.detach()
         self._slots.ledger.wrote(layer)
@@ -118,8 +113,7 @@ class RingKVCache:
     def read(self, layer: int, batch: StepBatch) -> DenseKV:
         """Full layers: views, as a flat cache. Ring layers: the kept keys oldest first, a
         gather of at most C keys per row (a kernel would index the ring in place)."""
-        self._check_layer(layer)
-        self._slots.ledger.check(batch)
+        self._slots.check_read(self.config, layer, batch)
         C, device = self.capacities[layer], self.config.device
         rows = torch.tensor(batch.seq_ids, device=device)  # (B,)
         lens = batch.context_lens.to(device)  # (B,)
@@ -150,6 +144,3 @@ class RingKVCache:
 
     def release(self, seq_ids: Sequence[int]) -> None:
         self._slots.release(seq_ids)
-
-    def _check_layer(self, layer: int) -> None:
-        require_int("layer", layer, minimum=0, maximum=self.config.num_layers - 1)

@@ -19,8 +19,9 @@ from dataclasses import replace
 
 import torch
 
-from kvlib.cache.contract import StepBatch, StepLedger, check_query_lens
-from kvlib.checks import require_ids
+from kvlib.cache.contract import StepBatch, StepLedger, check_new_kv, check_query_lens
+from kvlib.checks import require_ids, require_int
+from kvlib.config import CacheConfig
 
 
 class SlotTable:
@@ -61,6 +62,18 @@ class SlotTable:
         slots = torch.tensor(rows)[batch.token_rows] * S + batch.positions  # (N,)
         return replace(batch, positions=batch.positions.to(device),
                        slot_mapping=slots.to(device))
+
+    def check_write(self, config: CacheConfig, layer: int, batch: StepBatch, k: torch.Tensor,
+                    v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Check a write of the open step; (rows, positions), each (N,), of its new tokens."""
+        self.check_read(config, layer, batch)
+        check_new_kv(k, v, batch.num_tokens, config.num_kv_heads, config.head_dim,
+                     config.dtype, config.device)
+        return batch.slot_mapping // self.max_seq_len, batch.slot_mapping % self.max_seq_len
+
+    def check_read(self, config: CacheConfig, layer: int, batch: StepBatch) -> None:
+        require_int("layer", layer, minimum=0, maximum=config.num_layers - 1)
+        self.ledger.check(batch)
 
     def commit(self, batch: StepBatch) -> None:
         self.ledger.close(batch, complete=True)
