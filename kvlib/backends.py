@@ -110,10 +110,12 @@ def sdpa(q: torch.Tensor, kv: KVView, batch: StepBatch) -> torch.Tensor:
 def triton(q: torch.Tensor, kv: KVView, batch: StepBatch) -> torch.Tensor:
     """Paged decode with the Triton kernel (`kvlib.kernels.paged_decode`); else sdpa.
 
-    The kernel has no sliding window: windowed views go to sdpa."""
-    if isinstance(kv, PagedKV) and batch.uniform_len == 1 and kv.window is None:
-        from kvlib.kernels.paged_decode import paged_decode_attention
+    The kernel has no sliding window and takes blocks of a power of two up to 128 tokens:
+    other views go to sdpa."""
+    from kvlib.kernels.paged_decode import paged_decode_attention, supports_block_size
 
+    if (isinstance(kv, PagedKV) and supports_block_size(kv.block_size)
+            and batch.uniform_len == 1 and kv.window is None):
         return paged_decode_attention(q, kv.k_pool, kv.v_pool, kv.block_tables,
                                       kv.context_lens)  # (B, H, D) = (N, H, D)
     return sdpa(q, kv, batch)

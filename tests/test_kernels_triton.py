@@ -90,6 +90,22 @@ def test_any_number_of_splits_merges_to_the_same_result(num_splits):
 
 
 @runs_kernels
+@pytest.mark.parametrize(("tile_n", "num_warps", "num_stages"), [(32, 8, 2), (128, 4, 3)])
+def test_launch_options_change_speed_not_results(tile_n, num_warps, num_stages):
+    """What bench/gpu_decode.py sweeps (tile, warps, pipelining depth) leaves the output
+    equal to the reference, for the float and the INT8 kernel."""
+    q, k_pool, v_pool, tables, lens = paged_case(5, torch.bfloat16)
+    opts = dict(tile_n=tile_n, num_warps=num_warps, num_stages=num_stages, num_splits=3)
+    ref = paged_decode_attention_ref(q.float(), k_pool.float(), v_pool.float(), tables, lens)
+    out = paged_decode_attention(q, k_pool, v_pool, tables, lens, **opts)
+    torch.testing.assert_close(out.float(), ref, **TOL[torch.bfloat16])
+    (k8, k_scale), (v8, v_scale) = quantize_int8(k_pool), quantize_int8(v_pool)
+    ref8 = paged_decode_attention_int8_ref(q, k8, v8, k_scale, v_scale, tables, lens)
+    out8 = paged_decode_attention_int8(q, k8, v8, k_scale, v_scale, tables, lens, **opts)
+    torch.testing.assert_close(out8.float(), ref8.float(), atol=1e-2, rtol=1e-2)
+
+
+@runs_kernels
 @pytest.mark.parametrize("seed", range(2))
 def test_int8_decode_equals_its_reference(seed):
     q, k_pool, v_pool, tables, lens = paged_case(10 + seed, torch.bfloat16)

@@ -34,7 +34,15 @@ from torch.nn import functional as F
 from kvlib.analysis import Hardware
 from kvlib.bench import measure
 from kvlib.cache.contract import PagedKV
-from kvlib.kernels.paged_decode import paged_decode_attention
+from kvlib.kernels.paged_decode import (
+    NUM_STAGES,
+    NUM_WARPS,
+    PROGRAMS_PER_SM,
+    TILE_N,
+    multiprocessors,
+    paged_decode_attention,
+    split_plan,
+)
 from kvlib.kernels.paged_decode_cpu import paged_decode_attention_ref
 from kvlib.kernels.paged_decode_int8 import paged_decode_attention_int8, quantize_int8
 
@@ -110,10 +118,43 @@ def make_case(B: int, S: int, *, H: int = 32, Hkv: int = 8, D: int = 128, BS: in
                       v_scale)
 
 
-def decode_paths(case: DecodeCase, tile_n: int | None = None) -> dict:
+@dataclass(frozen=True)
+class KernelConfig:
+    """How the paged kernels are launched: tile, warps, pipelining depth, and how many
+    programs per multiprocessor the split plan aims at. The defaults are the kernel's."""
+
+    tile_n: int = TILE_N
+    num_warps: int = NUM_WARPS
+    num_stages: int = NUM_STAGES
+    programs_per_sm: int = PROGRAMS_PER_SM
+
+    @property
+    def key(self) -> str:
+        """A short name: 'tile64 w4 s3 p4'."""
+        return (f"tile{self.tile_n} w{self.num_warps} s{self.num_stages} "
+                f"p{self.programs_per_sm}")
+
+    def launch_options(self, case: DecodeCase) -> dict:
+        """Keyword arguments for the kernels, the split count planned as the kernel does."""
+        B, M = case.paged.block_tables.shape
+        BS, Hkv = case.paged.k_pool.shape[2], case.paged.k_pool.shape[1]
+        sms = multiprocessors(case.q.device)
+        num_splits, _ = split_plan(M * BS, B * Hkv, max(self.tile_n, BS),
+                                   self.programs_per_sm * sms)
+        return dict(tile_n=self.tile_n, num_warps=self.num_warps, num_stages=self.num_stages,
+                    num_splits=num_splits)
+
+
+# The launch options `bench/gpu_decode.py` tries for both kernels on every row: 36 configs,
+# 12 compiled variants per kernel (the split count is a run-time argument).
+SWEEP = tuple(KernelConfig(t, w, s, p) for t in (32, 64, 128) for w in (4, 8) for s in (2, 3)
+              for p in (2, 4, 8))
+
+
+def decode_paths(case: DecodeCase, config: KernelConfig | None = None) -> dict:
     """The four ways to attend, as zero-argument callables returning (B, H, D)."""
     p = case.paged
-    opts = {} if tile_n is None else {"tile_n": tile_n}
+    opts = {} if config is None else config.launch_options(case)
     q4 = case.q[:, :, None]  # (B, H, 1, D)
     return {
         "paged": lambda: paged_decode_attention(case.q, p.k_pool, p.v_pool, p.block_tables,
@@ -156,12 +197,13 @@ def max_errors(case: DecodeCase, rows: int = 2) -> dict[str, float]:
             for name, fn in decode_paths(case).items()}
 
 
-def time_ms(fn, device: torch.device) -> float:
-    """Median milliseconds of `fn()`: do_bench on a GPU, a few wall-clock calls otherwise."""
+def time_ms(fn, device: torch.device, rep_ms: int = 100) -> float:
+    """Median milliseconds of `fn()`: do_bench on a GPU (`rep_ms` of repeats, L2 flushed
+    before each), a few wall-clock calls otherwise."""
     if device.type == "cuda":
         from triton.testing import do_bench
 
-        return float(do_bench(fn, warmup=10, rep=50, return_mode="median"))
+        return float(do_bench(fn, warmup=25, rep=rep_ms, return_mode="median"))
     return measure(fn, warmup=0, repeats=1, device=device).median_ms
 
 
@@ -175,25 +217,37 @@ def copy_bandwidth(device: str = "cuda", gigabytes: float = 1.0) -> float:
     return 2 * src.numel() * 4 / (ms * 1e-3) / 1e12
 
 
-def time_decode_row(B: int, S: int, *, tile_ns=(None,), device: str = "cuda", **shape,
-                    ) -> dict:
+def time_decode_row(B: int, S: int, *, sweep: tuple[KernelConfig, ...] = (),
+                    device: str = "cuda", **shape) -> dict:
     """One row of the benchmark: errors, median ms per path, and the data size.
 
-    With several `tile_ns`, the paged and int8 kernels keep their best tile (and say which).
+    `paged_ms` and `int8_ms` time the kernels with their default launch options. With a
+    `sweep`, each kernel is also timed under every config (short runs); the fastest is timed
+    again like the others and reported as `<path>_best_ms` with its config, and every config's
+    time and largest difference from the default's output go in `sweep`. `sdpa_ms_again`
+    times SDPA a second time at the end, to show the spread between two runs of one thing.
     """
     case = make_case(B, S, device=device, **shape)
     dev = torch.device(device)
     row = {"B": B, "S": S, "kv_GB": round(case.kv_bytes / 1e9, 4)}
     row.update({f"{k}_max_err": round(v, 5) for k, v in max_errors(case).items()})
-    for tile_n in tile_ns:
-        for name, fn in decode_paths(case, tile_n).items():
-            if tile_n is not None and name in ("sdpa", "gather") and f"{name}_ms" in row:
-                continue  # no tile to choose: time once
-            ms = time_ms(fn, dev)
-            if ms < row.get(f"{name}_ms", float("inf")):
-                row[f"{name}_ms"] = round(ms, 4)
-                if name in ("paged", "int8"):
-                    row[f"{name}_tile_n"] = tile_n
+    for name, fn in decode_paths(case).items():
+        row[f"{name}_ms"] = round(time_ms(fn, dev), 4)
+    if sweep:
+        row["sweep"] = {}
+        for name in ("paged", "int8"):
+            default_out = decode_paths(case)[name]().float()
+            times, diffs = {}, {}
+            for config in sweep:
+                fn = decode_paths(case, config)[name]
+                diffs[config.key] = float((fn().float() - default_out).abs().max())
+                times[config.key] = round(time_ms(fn, dev, rep_ms=20), 4)
+            best = min(times, key=times.get)
+            config = next(c for c in sweep if c.key == best)
+            row[f"{name}_best_ms"] = round(time_ms(decode_paths(case, config)[name], dev), 4)
+            row[f"{name}_best_config"] = best
+            row["sweep"][name] = {"ms": times, "max_diff_from_default": max(diffs.values())}
+    row["sdpa_ms_again"] = round(time_ms(decode_paths(case)["sdpa"], dev), 4)
     del case
     return row
 

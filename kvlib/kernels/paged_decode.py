@@ -51,6 +51,9 @@ except ImportError:  # kvlib imports without triton; the function falls back to 
     triton = None
 
 TILE_N = 64  # tokens per loop iteration: several BS=16 blocks per tile keeps loads in flight
+NUM_WARPS = 4  # warps per program (Triton's default)
+NUM_STAGES = 3  # software-pipelining depth Triton may use for the loop (its default)
+PROGRAMS_PER_SM = 4  # the split plan aims at this many programs per multiprocessor
 MIN_DOT = 16  # tl.dot needs every dimension >= 16: the query group is padded to this
 
 
@@ -65,11 +68,12 @@ def split_plan(max_len: int, num_programs: int, tile_n: int, target_programs: in
 
 
 @functools.cache
-def _target_programs(device: torch.device) -> int:
-    """About four programs per multiprocessor keep a GPU's memory system busy."""
+def multiprocessors(device: torch.device) -> int:
+    """The GPU's streaming multiprocessors (132 on an H100 SXM); 2 under the interpreter,
+    so that the tests there still cut rows into a few splits and exercise the merge."""
     if device.type == "cuda":
-        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 8  # the interpreter: a few splits, so the tests exercise the merge
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 2
 
 
 def check_inputs(q, k_pool, v_pool, block_tables, context_lens) -> None:
@@ -87,6 +91,11 @@ def check_inputs(q, k_pool, v_pool, block_tables, context_lens) -> None:
         _check(q, k_pool, v_pool, block_tables, torch.ones(q.shape[0], dtype=torch.int32))
 
 
+def supports_block_size(block_size: int) -> bool:
+    """Whether the kernel takes blocks of this many tokens: a power of two up to 128."""
+    return 0 < block_size <= 128 and block_size & (block_size - 1) == 0
+
+
 def interpreter_runs_kernels() -> bool:
     """Whether this Triton's interpreter can run the kernels here: their loops have run-time
     bounds, which the interpreter handles from Triton 3.9 on (3.6's fails; 3.9 is pinned)."""
@@ -99,6 +108,7 @@ def interpreter_runs_kernels() -> bool:
 def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor,
                            num_splits: int | None = None, tile_n: int = TILE_N,
+                           num_warps: int = NUM_WARPS, num_stages: int = NUM_STAGES,
                            ) -> torch.Tensor:
     """softmax(q K^T / sqrt(D)) V per sequence, K and V read block by block in place.
 
@@ -107,8 +117,11 @@ def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.
         k_pool, v_pool: (NB, Hkv, BS, D) one layer's pool in q's dtype; BS a power of two.
         block_tables: (B, M) int32 block ids, padded with -1 past each sequence's blocks.
         context_lens: (B,) int keys per sequence (the new token's included), each >= 1.
-        num_splits: ranges the KV length is cut into (None: enough to fill the GPU).
+        num_splits: ranges the KV length is cut into (None: enough for PROGRAMS_PER_SM
+            programs on every multiprocessor).
         tile_n: tokens per loop iteration, a power of two >= 16.
+        num_warps, num_stages: Triton's launch options for the split kernel
+            (`bench/gpu_decode.py` sweeps them with tile_n and the split count).
 
     Returns:
         (B, H, D) in q's dtype; accumulation is in fp32. Falls back to
@@ -117,11 +130,12 @@ def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.
     check_inputs(q, k_pool, v_pool, block_tables, context_lens)
     if not triton_runs_on(q):
         return paged_decode_attention_ref(q, k_pool, v_pool, block_tables, context_lens)
-    return launch(q, k_pool, v_pool, None, None, block_tables, context_lens, num_splits, tile_n)
+    return launch(q, k_pool, v_pool, None, None, block_tables, context_lens, num_splits, tile_n,
+                  num_warps, num_stages)
 
 
 def launch(q, k_pool, v_pool, k_scale, v_scale, block_tables, context_lens, num_splits,
-           tile_n) -> torch.Tensor:
+           tile_n, num_warps, num_stages) -> torch.Tensor:
     """Run split + merge; `k_scale`, `v_scale` (NB, Hkv, BS) when the pools are INT8."""
     B, H, D = q.shape
     NB, Hkv, BS, _ = k_pool.shape
@@ -129,7 +143,7 @@ def launch(q, k_pool, v_pool, k_scale, v_scale, block_tables, context_lens, num_
     if INTERPRETED and not interpreter_runs_kernels():
         raise RuntimeError(f"Triton {triton.__version__}'s interpreter cannot run this kernel "
                            f"(loops with run-time bounds); use Triton >= 3.9 or a GPU")
-    if BS & (BS - 1) or BS > 128 or tile_n & (tile_n - 1) or tile_n < MIN_DOT:
+    if not supports_block_size(BS) or tile_n & (tile_n - 1) or tile_n < MIN_DOT:
         raise ValueError(f"block size {BS} must be a power of two <= 128 and tile_n {tile_n} "
                          f"a power of two >= {MIN_DOT}")
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -139,7 +153,8 @@ def launch(q, k_pool, v_pool, k_scale, v_scale, block_tables, context_lens, num_
     # need the lengths on the host; splits past a row's length are empty and weigh nothing.
     max_len = block_tables.shape[1] * BS
     if num_splits is None:
-        num_splits, split_len = split_plan(max_len, B * Hkv, tile_n, _target_programs(q.device))
+        num_splits, split_len = split_plan(max_len, B * Hkv, tile_n,
+                                           PROGRAMS_PER_SM * multiprocessors(q.device))
     else:
         num_splits, split_len = split_plan(max_len, 1, tile_n, num_splits)
     # Partial results: fp32 whatever the inputs, so the merge loses nothing.
@@ -163,7 +178,8 @@ def launch(q, k_pool, v_pool, k_scale, v_scale, block_tables, context_lens, num_
                 G=G, G_PAD=max(MIN_DOT, triton.next_power_of_2(G)), D=D,
                 D_PAD=max(MIN_DOT, triton.next_power_of_2(D)), BS=BS, TILE_N=tile_n,
                 QUANTIZED=quantized, DOT_DTYPE=_dot_dtype(q.dtype),
-                PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+                PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+                num_warps=num_warps, num_stages=num_stages)
             break
         except OutOfResources:
             # NOTE: a GPU with little shared memory per SM (a T4 has 64 KB) cannot stage

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from kvlib.kernels.paged_decode import TILE_N, check_inputs, launch
+from kvlib.kernels.paged_decode import NUM_STAGES, NUM_WARPS, TILE_N, check_inputs, launch
 from kvlib.kernels.paged_decode_cpu import paged_decode_attention_ref
 from kvlib.kernels.store_kv import triton_runs_on
 
@@ -60,6 +60,7 @@ def paged_decode_attention_int8(q: torch.Tensor, k_pool: torch.Tensor, v_pool: t
                                 k_scale: torch.Tensor, v_scale: torch.Tensor,
                                 block_tables: torch.Tensor, context_lens: torch.Tensor,
                                 num_splits: int | None = None, tile_n: int = TILE_N,
+                                num_warps: int = NUM_WARPS, num_stages: int = NUM_STAGES,
                                 ) -> torch.Tensor:
     """Decode attention reading int8 blocks in place.
 
@@ -68,7 +69,8 @@ def paged_decode_attention_int8(q: torch.Tensor, k_pool: torch.Tensor, v_pool: t
         k_pool, v_pool: (NB, Hkv, BS, D) int8.
         k_scale, v_scale: (NB, Hkv, BS) fp32 or fp16: row r of a block is scale[r] * data[r].
         block_tables: (B, M) int32, padded with -1; context_lens: (B,) keys per sequence.
-        num_splits, tile_n: as in `kvlib.kernels.paged_decode.paged_decode_attention`.
+        num_splits, tile_n, num_warps, num_stages: as in
+            `kvlib.kernels.paged_decode.paged_decode_attention`.
 
     Returns:
         (B, H, D) in q's dtype. Falls back to the reference where Triton cannot run.
@@ -83,4 +85,4 @@ def paged_decode_attention_int8(q: torch.Tensor, k_pool: torch.Tensor, v_pool: t
         return paged_decode_attention_int8_ref(q, k_pool, v_pool, k_scale, v_scale,
                                                block_tables, context_lens)
     return launch(q, k_pool, v_pool, k_scale, v_scale, block_tables, context_lens,
-                  num_splits, tile_n)
+                  num_splits, tile_n, num_warps, num_stages)
