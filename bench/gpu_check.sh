@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The GPU check, in one run on a lent H100/H200 (about 6 minutes):
 #   1. versions and the device;
-#   2. bench/gpu_decode.py alone on the GPU: correctness, medians of every path, the launch
-#      sweep of both kernels, copy bandwidth -> gpu_decode_<device>.json;
+#   2. bench/gpu_decode.py $BENCH_ARGS alone on the GPU: correctness, medians of every path,
+#      other launch options of both kernels, copy bandwidth -> gpu_decode_<device>.json;
 #   3. then, side by side: the GPU tests (kernels = references in fp32/fp16/bf16; every cache,
 #      the model and the engine on CUDA in bf16 and fp16; chapter 7's helpers) and every
-#      chapter of the book executed top to bottom on the GPU machine.
+#      chapter of the book ($NOTEBOOKS, default all) executed top to bottom on the GPU machine,
+#      naming every cell that takes over 10 s.
 # Missing Python packages (the Jupyter stack, for step 3) travel as wheels in .whl/ (see
 # bench/README.md); the image's own torch and triton are used. Logs and the JSON go to $OUT
 # (or /tmp/gpu_check_out). Run from the repository root:   bash bench/gpu_check.sh
@@ -14,6 +15,7 @@ set -u -o pipefail
 OUT="${OUT:-/tmp/gpu_check_out}"
 mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
+NOTEBOOKS="${NOTEBOOKS:-$(ls book/*.ipynb)}"
 if compgen -G ".whl/*.whl" >/dev/null; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site .whl/*.whl || exit 1
@@ -34,27 +36,27 @@ EOF
 } 2>&1 | tee "$OUT/versions.log"
 
 slug=$("$PY" -c "import torch; print(torch.cuda.get_device_name().lower().replace(' ', '-'))")
-timeout 270 "$PY" bench/gpu_decode.py --out "$OUT/gpu_decode_${slug}.json" 2>&1 \
+timeout 270 "$PY" bench/gpu_decode.py ${BENCH_ARGS:-} --out "$OUT/gpu_decode_${slug}.json" 2>&1 \
     | tee "$OUT/bench.log"
 echo "bench exit: $? after $((SECONDS - start)) s" | tee -a "$OUT/bench.log"
 
 # Step 3: tests and chapters side by side (timings in them are not recorded).
-( timeout 200 "$PY" -m pytest -q -p no:cacheprovider --durations=8 tests/test_kernels_triton.py \
-      tests/test_devices.py tests/test_gpu_chapter.py tests/test_bench.py > "$OUT/pytest.log" 2>&1
+( timeout 280 "$PY" -m pytest -q -rfE -n 6 -p no:cacheprovider --durations=8 \
+      tests/test_kernels_triton.py tests/test_devices.py tests/test_gpu_chapter.py \
+      tests/test_bench.py > "$OUT/pytest.log" 2>&1
   echo "pytest exit: $?" >> "$OUT/pytest.log" ) &
 mkdir -p /tmp/nb
-for nb in book/*.ipynb; do
+for nb in $NOTEBOOKS; do
     name=$(basename "$nb" .ipynb)
     ( t0=$SECONDS
-      OMP_NUM_THREADS=2 timeout 220 "$PY" tools/execute_notebooks.py --timeout 200 "$nb" \
+      OMP_NUM_THREADS=3 timeout 280 "$PY" tools/execute_notebooks.py --timeout 150 "$nb" \
           > "/tmp/nb/$name.log" 2>&1
       echo "$name: exit $? in $((SECONDS - t0)) s" >> "/tmp/nb/$name.log" ) &
 done
 wait
-tail -n 3 /tmp/nb/*.log > "$OUT/notebooks.log"
-grep -h -B2 -A30 "Traceback\|Error" /tmp/nb/*.log | head -200 >> "$OUT/notebooks.log"
-cp book/07_gpu_mapping.ipynb "$OUT/07_gpu_mapping_executed_on_gpu.ipynb"
+grep -h -v "IPKernelApp" /tmp/nb/*.log | grep -v "^\s*$" | head -400 > "$OUT/notebooks.log"
+[ -f /tmp/nb/07_gpu_mapping.log ] && cp book/07_gpu_mapping.ipynb "$OUT/07_gpu_mapping_on_gpu.ipynb"
 echo "== pytest"; tail -n 25 "$OUT/pytest.log"
-echo "== notebooks"; grep -h "exit" /tmp/nb/*.log
+echo "== notebooks"; grep -h "exit\|took\|Error" /tmp/nb/*.log | head -40
 echo "== bench"; tail -n 12 "$OUT/bench.log" | cut -c1-400
 echo "total $((SECONDS - start)) s"

@@ -1,6 +1,7 @@
 """Paged decode attention on a GPU: kvlib's Triton kernel against SDPA, gather-then-SDPA, INT8.
 
-    python bench/gpu_decode.py [--out PATH] [--rows 1x32768,8x4096] [--interpret-smoke]
+    python bench/gpu_decode.py [--out PATH] [--rows 1x32768,8x4096] [--rounds N]
+                               [--sweep full|candidates|none] [--interpret-smoke]
 
 One layer, bf16, 32 query heads, 8 KV heads of 128 (Llama-3-8B's attention), block size 16,
 at (batch, tokens) = (1, 32768), (8, 4096), (32, 4096), (64, 4096), (32, 16384), (128, 1024).
@@ -12,8 +13,11 @@ For each row: the largest error of every path against the fp32 reference, and th
     int8    kvlib.kernels.paged_decode_int8 on an INT8 pool (fp16 scale per token per head)
 and a device-to-device copy's bandwidth, measured in the same run. Bandwidth counts the bytes
 of bf16 K and V (kv_GB) for every path, the INT8 one included (its "effective" rate).
-Both kernels are also swept over `kvlib.experiments.gpu.SWEEP` (tile, warps, stages, splits);
-the fastest config per row is timed again and reported beside the default (`*_best_ms`).
+Every path is timed `--rounds` times (default 5), interleaved; the median round is reported
+with the spread. Both kernels are also timed under other launch options (`--sweep`: `full` is
+`kvlib.experiments.gpu.SWEEP`, 36 configs of tile, warps, stages and splits, which chose the
+defaults; `candidates`, the default, is the runners-up); the fastest config per row is timed
+again and reported beside the default (`*_best_ms`).
 
 Prints a table and, as its last line, the JSON object
 {"device", "copy_TBps", "rows": [{"B", "S", "kv_GB", "paged_ms", "sdpa_ms", "gather_ms",
@@ -38,7 +42,15 @@ from pathlib import Path
 import torch
 
 from kvlib.bench import device_name
-from kvlib.experiments.gpu import ROWS, SWEEP, KernelConfig, copy_bandwidth, time_decode_row
+from kvlib.experiments.gpu import (
+    CANDIDATES,
+    ROWS,
+    SWEEP,
+    KernelConfig,
+    copy_bandwidth,
+    time_decode_row,
+)
+from kvlib.kernels.paged_decode_int8 import INT8_NUM_STAGES
 
 PATHS = ("paged", "paged_best", "sdpa", "gather", "int8", "int8_best")
 
@@ -47,6 +59,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, help="where to write the JSON object")
     parser.add_argument("--rows", help="BxS,BxS,... instead of the issue's six rows")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="interleaved timings of every path per row (median reported)")
+    parser.add_argument("--sweep", choices=("full", "candidates", "none"), default="candidates",
+                        help="other launch options to time the kernels under")
     parser.add_argument("--interpret-smoke", action="store_true",
                         help="one tiny row on the CPU under TRITON_INTERPRET=1 (for tests)")
     args = parser.parse_args()
@@ -55,7 +71,7 @@ def main() -> None:
     if args.interpret_smoke:
         if os.environ.get("TRITON_INTERPRET") != "1":
             sys.exit("--interpret-smoke needs TRITON_INTERPRET=1 in the environment")
-        device, shape, rows = "cpu", dict(H=4, Hkv=2, D=16, BS=4), [(2, 32)]
+        device, shape, rows, rounds = "cpu", dict(H=4, Hkv=2, D=16, BS=4), [(2, 32)], 1
         sweep = (KernelConfig(16, 4, 2, 1), KernelConfig(32, 4, 3, 2))
     elif not torch.cuda.is_available():
         print("bench/gpu_decode.py needs a CUDA GPU (torch.cuda.is_available() is False); "
@@ -64,30 +80,33 @@ def main() -> None:
               "kernels' plumbing.", file=sys.stderr)
         sys.exit(2)
     else:
-        device, shape, sweep = "cuda", {}, SWEEP
+        device, shape, rounds = "cuda", {}, args.rounds
+        sweep = {"full": SWEEP, "candidates": CANDIDATES, "none": ()}[args.sweep]
 
     copy = copy_bandwidth(device, gigabytes=2.0 if device == "cuda" else 0.001)
     print(f"{device_name(device)}: device-to-device copy {copy:.2f} TB/s (read + write)")
-    header = (f"{'B':>4} {'S':>6} {'KV GB':>6} | " + " ".join(f"{n:>16}" for n in PATHS)
+    paths = PATHS if sweep else tuple(p for p in PATHS if not p.endswith("_best"))
+    header = (f"{'B':>4} {'S':>6} {'KV GB':>6} | " + " ".join(f"{n:>16}" for n in paths)
               + f" | {'paged/sdpa':>10} {'paged/gath':>10} {'int8/sdpa':>9}")
     print(header + "\n" + "-" * len(header))
     results = []
     for B, S in rows:
-        row = time_decode_row(B, S, sweep=sweep, device=device, **shape)
-        for name in PATHS:
+        row = time_decode_row(B, S, sweep=sweep, rounds=rounds, device=device, **shape)
+        for name in paths:
             row[f"{name}_TBps"] = round(row["kv_GB"] / 1e3 / (row[f"{name}_ms"] * 1e-3), 3)
             row[f"{name}_pct_copy"] = round(100 * row[f"{name}_TBps"] / copy, 1)
-        for kernel in ("paged", "paged_best"):  # throughput: time of the other over its time
-            row[f"{kernel}_over_sdpa"] = round(row["sdpa_ms"] / row[f"{kernel}_ms"], 3)
-            row[f"{kernel}_over_gather"] = round(row["gather_ms"] / row[f"{kernel}_ms"], 3)
-        for kernel in ("int8", "int8_best"):
-            row[f"{kernel}_over_sdpa"] = round(row["sdpa_ms"] / row[f"{kernel}_ms"], 3)
+        for kernel in paths:  # throughput ratios: time of the other over the kernel's time
+            if kernel.startswith(("paged", "int8")):
+                row[f"{kernel}_over_sdpa"] = round(row["sdpa_ms"] / row[f"{kernel}_ms"], 3)
+            if kernel.startswith("paged"):
+                row[f"{kernel}_over_gather"] = round(row["gather_ms"] / row[f"{kernel}_ms"], 3)
         results.append(row)
-        cells = " ".join(f"{row[f'{n}_ms']:8.3f}ms {row[f'{n}_TBps']:4.2f}T" for n in PATHS)
+        cells = " ".join(f"{row[f'{n}_ms']:8.3f}ms {row[f'{n}_TBps']:4.2f}T" for n in paths)
         print(f"{B:>4} {S:>6} {row['kv_GB']:6.3f} | {cells} | {row['paged_over_sdpa']:10.2f} "
               f"{row['paged_over_gather']:10.2f} {row['int8_over_sdpa']:9.2f}", flush=True)
-        print(f"{'':>18} best configs: paged {row['paged_best_config']}, int8 "
-              f"{row['int8_best_config']}; sdpa again {row['sdpa_ms_again']:.3f} ms", flush=True)
+        if sweep:
+            print(f"{'':>18} best configs: paged {row['paged_best_config']}, int8 "
+                  f"{row['int8_best_config']}", flush=True)
     print("ms: median time; T: TB/s of bf16 K and V; ratios: throughput (time of the other "
           "over time of the first), default launch options")
 
@@ -96,8 +115,10 @@ def main() -> None:
         "copy_TBps": round(copy, 3),
         "rows": results,
         "targets": targets(results),
-        "targets_best_config": targets(results, best=True),
-        "default_config": KernelConfig().key,
+        "targets_best_config": targets(results, best=True) if sweep else None,
+        "default_config": {"paged": KernelConfig().key,
+                           "int8": KernelConfig(num_stages=INT8_NUM_STAGES).key},
+        "rounds": rounds,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": versions(),
         "shape": {"dtype": "bfloat16", "H": 32, "Hkv": 8, "D": 128, "BS": 16, **shape},

@@ -7,6 +7,7 @@ project's venv), with the notebook's folder as the working directory. Outputs an
 widget state (so the HTML book can show live widgets) are written back to the file.
 A cell that raises, or runs longer than the timeout, stops that notebook, leaves its file
 untouched and makes the script exit non-zero. Cells tagged `raises-exception` may raise.
+Cells that take longer than SLOW_CELL_S are named as they finish, to show where time goes.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from jupyter_client.kernelspec import KernelSpec, KernelSpecManager
 from jupyter_client.manager import KernelManager
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
+
+SLOW_CELL_S = 10.0
 
 
 class CurrentPythonKernelSpecs(KernelSpecManager):
@@ -47,6 +50,17 @@ def execute(path: Path, timeout: int, allow_errors: bool) -> None:
         record_timing=False,
         resources={"metadata": {"path": str(path.parent.resolve())}},
     )
+    started = {}
+    client.on_cell_execute = lambda cell, cell_index: started.update(
+        {cell_index: time.perf_counter()})
+
+    def report_slow(cell, cell_index, execute_reply):
+        seconds = time.perf_counter() - started.get(cell_index, time.perf_counter())
+        if seconds > SLOW_CELL_S:
+            first_line = cell.source.strip().splitlines()[0][:60] if cell.source.strip() else ""
+            print(f"  cell {cell_index} took {seconds:.0f} s: {first_line}", flush=True)
+
+    client.on_cell_executed = report_slow
     client.execute()
     nbformat.validate(nb)
     nbformat.write(nb, path)

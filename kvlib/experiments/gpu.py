@@ -145,10 +145,14 @@ class KernelConfig:
                     num_splits=num_splits)
 
 
-# The launch options `bench/gpu_decode.py` tries for both kernels on every row: 36 configs,
-# 12 compiled variants per kernel (the split count is a run-time argument).
+# The launch options `bench/gpu_decode.py --sweep full` tries for both kernels on every row:
+# 36 configs, 12 compiled variants per kernel (the split count is a run-time argument).
 SWEEP = tuple(KernelConfig(t, w, s, p) for t in (32, 64, 128) for w in (4, 8) for s in (2, 3)
               for p in (2, 4, 8))
+# `--sweep candidates`: the runners-up of the full sweep and the defaults before it
+# (tile 64, 4 warps, 3 stages, 4 programs per SM), timed again beside the defaults.
+CANDIDATES = (KernelConfig(64, 4, 3, 4), KernelConfig(64, 4, 2, 4), KernelConfig(64, 4, 2, 8),
+              KernelConfig(128, 4, 2, 2))
 
 
 def decode_paths(case: DecodeCase, config: KernelConfig | None = None) -> dict:
@@ -217,36 +221,46 @@ def copy_bandwidth(device: str = "cuda", gigabytes: float = 1.0) -> float:
     return 2 * src.numel() * 4 / (ms * 1e-3) / 1e12
 
 
-def time_decode_row(B: int, S: int, *, sweep: tuple[KernelConfig, ...] = (),
+def time_decode_row(B: int, S: int, *, sweep: tuple[KernelConfig, ...] = (), rounds: int = 1,
                     device: str = "cuda", **shape) -> dict:
     """One row of the benchmark: errors, median ms per path, and the data size.
 
-    `paged_ms` and `int8_ms` time the kernels with their default launch options. With a
-    `sweep`, each kernel is also timed under every config (short runs); the fastest is timed
-    again like the others and reported as `<path>_best_ms` with its config, and every config's
-    time and largest difference from the default's output go in `sweep`. `sdpa_ms_again`
-    times SDPA a second time at the end, to show the spread between two runs of one thing.
+    `paged_ms` and `int8_ms` time the kernels with their default launch options. The four
+    paths are timed `rounds` times, interleaved, and each reports the median round and the
+    spread (`<path>_ms_spread`: fastest and slowest). With a `sweep`, each kernel is also
+    timed under every config (short runs, median of `rounds`); the fastest is timed again like
+    the others and reported as `<path>_best_ms` with its config, and every config's time and
+    largest difference from the default's output go in `sweep`. `sdpa_ms_again` times SDPA
+    once more at the end, to show the drift between two runs of one thing.
     """
     case = make_case(B, S, device=device, **shape)
     dev = torch.device(device)
     row = {"B": B, "S": S, "kv_GB": round(case.kv_bytes / 1e9, 4)}
     row.update({f"{k}_max_err": round(v, 5) for k, v in max_errors(case).items()})
-    for name, fn in decode_paths(case).items():
-        row[f"{name}_ms"] = round(time_ms(fn, dev), 4)
+    times = {name: [] for name in decode_paths(case)}
+    for _ in range(rounds):
+        for name, fn in decode_paths(case).items():
+            times[name].append(time_ms(fn, dev))
+    for name, ms in times.items():
+        row[f"{name}_ms"] = round(sorted(ms)[len(ms) // 2], 4)
+        if rounds > 1:
+            row[f"{name}_ms_spread"] = [round(min(ms), 4), round(max(ms), 4)]
     if sweep:
         row["sweep"] = {}
         for name in ("paged", "int8"):
             default_out = decode_paths(case)[name]().float()
-            times, diffs = {}, {}
+            config_ms, diffs = {}, {}
             for config in sweep:
                 fn = decode_paths(case, config)[name]
                 diffs[config.key] = float((fn().float() - default_out).abs().max())
-                times[config.key] = round(time_ms(fn, dev, rep_ms=20), 4)
-            best = min(times, key=times.get)
+                ms = sorted(time_ms(fn, dev, rep_ms=20) for _ in range(rounds))
+                config_ms[config.key] = round(ms[len(ms) // 2], 4)
+            best = min(config_ms, key=config_ms.get)
             config = next(c for c in sweep if c.key == best)
-            row[f"{name}_best_ms"] = round(time_ms(decode_paths(case, config)[name], dev), 4)
+            ms = sorted(time_ms(decode_paths(case, config)[name], dev) for _ in range(rounds))
+            row[f"{name}_best_ms"] = round(ms[len(ms) // 2], 4)
             row[f"{name}_best_config"] = best
-            row["sweep"][name] = {"ms": times, "max_diff_from_default": max(diffs.values())}
+            row["sweep"][name] = {"ms": config_ms, "max_diff_from_default": max(diffs.values())}
     row["sdpa_ms_again"] = round(time_ms(decode_paths(case)["sdpa"], dev), 4)
     del case
     return row
