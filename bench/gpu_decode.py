@@ -63,6 +63,8 @@ def main() -> None:
                         help="interleaved timings of every path per row (median reported)")
     parser.add_argument("--sweep", choices=("full", "candidates", "none"), default="candidates",
                         help="other launch options to time the kernels under")
+    parser.add_argument("--graphs", action="store_true",
+                        help="also time every path replayed from a CUDA graph (no launch cost)")
     parser.add_argument("--interpret-smoke", action="store_true",
                         help="one tiny row on the CPU under TRITON_INTERPRET=1 (for tests)")
     args = parser.parse_args()
@@ -91,7 +93,8 @@ def main() -> None:
     print(header + "\n" + "-" * len(header))
     results = []
     for B, S in rows:
-        row = time_decode_row(B, S, sweep=sweep, rounds=rounds, device=device, **shape)
+        row = time_decode_row(B, S, sweep=sweep, rounds=rounds, graphs=args.graphs,
+                              device=device, **shape)
         for name in paths:
             row[f"{name}_TBps"] = round(row["kv_GB"] / 1e3 / (row[f"{name}_ms"] * 1e-3), 3)
             row[f"{name}_pct_copy"] = round(100 * row[f"{name}_TBps"] / copy, 1)
@@ -104,6 +107,10 @@ def main() -> None:
         cells = " ".join(f"{row[f'{n}_ms']:8.3f}ms {row[f'{n}_TBps']:4.2f}T" for n in paths)
         print(f"{B:>4} {S:>6} {row['kv_GB']:6.3f} | {cells} | {row['paged_over_sdpa']:10.2f} "
               f"{row['paged_over_gather']:10.2f} {row['int8_over_sdpa']:9.2f}", flush=True)
+        if args.graphs:
+            print(f"{'':>18} CUDA graph: " + ", ".join(
+                f"{n} {row.get(f'{n}_graph_ms')} ms" for n in ("paged", "sdpa", "gather",
+                                                               "int8")), flush=True)
         if sweep:
             print(f"{'':>18} best configs: paged {row['paged_best_config']}, int8 "
                   f"{row['int8_best_config']}", flush=True)
@@ -119,6 +126,7 @@ def main() -> None:
         "default_config": {"paged": KernelConfig().key,
                            "int8": KernelConfig(num_stages=INT8_NUM_STAGES).key},
         "rounds": rounds,
+        "graphs": args.graphs,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": versions(),
         "shape": {"dtype": "bfloat16", "H": 32, "Hkv": 8, "D": 128, "BS": 16, **shape},

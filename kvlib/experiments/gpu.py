@@ -211,6 +211,14 @@ def time_ms(fn, device: torch.device, rep_ms: int = 100) -> float:
     return measure(fn, warmup=0, repeats=1, device=device).median_ms
 
 
+def time_graph_ms(fn, rep_ms: int = 100) -> float:
+    """Median milliseconds of `fn()` replayed from a CUDA graph (`do_bench_cudagraph`): the
+    GPU's own time, without the host's launch overhead (no L2 flush between calls)."""
+    from triton.testing import do_bench_cudagraph
+
+    return float(do_bench_cudagraph(fn, rep=rep_ms, return_mode="median"))
+
+
 def copy_bandwidth(device: str = "cuda", gigabytes: float = 1.0) -> float:
     """TB/s of a device-to-device copy, counting bytes read and written."""
     dev = torch.device(device)
@@ -222,7 +230,7 @@ def copy_bandwidth(device: str = "cuda", gigabytes: float = 1.0) -> float:
 
 
 def time_decode_row(B: int, S: int, *, sweep: tuple[KernelConfig, ...] = (), rounds: int = 1,
-                    device: str = "cuda", **shape) -> dict:
+                    graphs: bool = False, device: str = "cuda", **shape) -> dict:
     """One row of the benchmark: errors, median ms per path, and the data size.
 
     `paged_ms` and `int8_ms` time the kernels with their default launch options. The four
@@ -231,7 +239,8 @@ def time_decode_row(B: int, S: int, *, sweep: tuple[KernelConfig, ...] = (), rou
     timed under every config (short runs, median of `rounds`); the fastest is timed again like
     the others and reported as `<path>_best_ms` with its config, and every config's time and
     largest difference from the default's output go in `sweep`. `sdpa_ms_again` times SDPA
-    once more at the end, to show the drift between two runs of one thing.
+    once more at the end, to show the drift between two runs of one thing. With `graphs`
+    (CUDA only), every path is also timed replayed from a CUDA graph (`<path>_graph_ms`).
     """
     case = make_case(B, S, device=device, **shape)
     dev = torch.device(device)
@@ -245,6 +254,13 @@ def time_decode_row(B: int, S: int, *, sweep: tuple[KernelConfig, ...] = (), rou
         row[f"{name}_ms"] = round(sorted(ms)[len(ms) // 2], 4)
         if rounds > 1:
             row[f"{name}_ms_spread"] = [round(min(ms), 4), round(max(ms), 4)]
+    if graphs and dev.type == "cuda":
+        for name, fn in decode_paths(case).items():
+            try:
+                row[f"{name}_graph_ms"] = round(time_graph_ms(fn), 4)
+            except Exception as exc:  # noqa: BLE001 - a path that cannot be captured says why
+                row[f"{name}_graph_ms"] = None
+                row[f"{name}_graph_error"] = f"{type(exc).__name__}: {exc}"[:300]
     if sweep:
         row["sweep"] = {}
         for name in ("paged", "int8"):

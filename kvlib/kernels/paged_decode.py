@@ -40,7 +40,7 @@ import math
 
 import torch
 
-from kvlib.kernels.paged_decode_cpu import _check, paged_decode_attention_ref
+from kvlib.kernels.paged_decode_cpu import _check, _check_shapes, paged_decode_attention_ref
 from kvlib.kernels.store_kv import INTERPRETED, triton_runs_on
 
 try:
@@ -87,11 +87,8 @@ def check_inputs(q, k_pool, v_pool, block_tables, context_lens) -> None:
     """
     if context_lens.device.type == "cpu":
         _check(q, k_pool, v_pool, block_tables, context_lens)
-    elif context_lens.shape != (q.shape[0],):
-        raise ValueError(f"context_lens must be (B={q.shape[0]},), got "
-                         f"{tuple(context_lens.shape)}")
     else:
-        _check(q, k_pool, v_pool, block_tables, torch.ones(q.shape[0], dtype=torch.int32))
+        _check_shapes(q, k_pool, v_pool, block_tables, context_lens)
 
 
 def supports_block_size(block_size: int) -> bool:

@@ -43,6 +43,17 @@ def paged_decode_attention_ref(q: torch.Tensor, k_pool: torch.Tensor, v_pool: to
 
 def _check(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
            block_tables: torch.Tensor, context_lens: torch.Tensor) -> None:
+    _check_shapes(q, k_pool, v_pool, block_tables, context_lens)
+    BS = k_pool.shape[2]
+    lens = context_lens.cpu()
+    if bool((lens < 1).any()) or bool((lens > block_tables.shape[1] * BS).any()):
+        raise ValueError(f"context_lens {lens.tolist()} must be in [1, "
+                         f"{block_tables.shape[1] * BS}] for tables of {block_tables.shape[1]} "
+                         f"blocks of {BS}")
+
+
+def _check_shapes(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                  block_tables: torch.Tensor, context_lens: torch.Tensor) -> None:
     if q.dim() != 3 or k_pool.dim() != 4 or v_pool.shape != k_pool.shape:
         raise ValueError(f"expected q (B, H, D) and pools (NB, Hkv, BS, D), got q "
                          f"{tuple(q.shape)}, k_pool {tuple(k_pool.shape)}, v_pool "
@@ -55,11 +66,6 @@ def _check(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
     if block_tables.dim() != 2 or block_tables.shape[0] != B or context_lens.shape != (B,):
         raise ValueError(f"expected block_tables (B={B}, M) and context_lens (B,), got "
                          f"{tuple(block_tables.shape)} and {tuple(context_lens.shape)}")
-    lens = context_lens.cpu()
-    if bool((lens < 1).any()) or bool((lens > block_tables.shape[1] * BS).any()):
-        raise ValueError(f"context_lens {lens.tolist()} must be in [1, "
-                         f"{block_tables.shape[1] * BS}] for tables of {block_tables.shape[1]} "
-                         f"blocks of {BS}")
 
 
 def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
