@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check, in one run on a lent H100/H200 (about 6 minutes):
+# The GPU check, in one run on a lent H100/H200 (about 4-6 minutes):
 #   1. versions and the device;
 #   2. bench/gpu_decode.py $BENCH_ARGS alone on the GPU: correctness, medians of every path,
 #      other launch options of both kernels, copy bandwidth -> gpu_decode_<device>.json;
@@ -7,9 +7,14 @@
 #      the model and the engine on CUDA in bf16 and fp16; chapter 7's helpers) and every
 #      chapter of the book ($NOTEBOOKS, default all) executed top to bottom on the GPU machine,
 #      naming every cell that takes over 10 s.
-# Missing Python packages (the Jupyter stack, for step 3) travel as wheels in .whl/ (see
-# bench/README.md); the image's own torch and triton are used. Logs and the JSON go to $OUT
-# (or /tmp/gpu_check_out). Run from the repository root:   bash bench/gpu_check.sh
+# The machine's own torch and triton are used. Python packages it lacks (the Jupyter stack,
+# for step 3) can travel as wheels in .whl/, fetched beforehand where pip can reach PyPI:
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+#       --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl -r bench/gpu_wheels.txt
+# Logs and the JSON go to $OUT (or /tmp/gpu_check_out). From the repository root:
+#   bash bench/gpu_check.sh
+#   NOTEBOOKS="book/07_gpu_mapping.ipynb" BENCH_ARGS="--sweep none --graphs" bash bench/gpu_check.sh
 # Then copy $OUT/gpu_decode_*.json to bench/results/ and commit it with the logs' summary.
 set -u -o pipefail
 OUT="${OUT:-/tmp/gpu_check_out}"

@@ -49,6 +49,15 @@ def test_recorded_results_are_complete(tmp_path):
         assert {"device", "copy_TBps", "rows", "date", "versions"} <= set(result)
         for row in result["rows"]:
             assert {"B", "S", "kv_GB", "paged_ms", "sdpa_ms", "gather_ms", "int8_ms"} <= set(row)
+            # the ratios and sizes the chapter quotes follow from the recorded times and shape
+            assert row["paged_over_sdpa"] == pytest.approx(row["sdpa_ms"] / row["paged_ms"],
+                                                           abs=2e-3)
+            assert row["int8_over_sdpa"] == pytest.approx(row["sdpa_ms"] / row["int8_ms"],
+                                                          abs=2e-3)
+            assert row["kv_GB"] == pytest.approx(2 * row["B"] * row["S"] * 8 * 128 * 2 / 1e9,
+                                                 abs=1e-4)  # bf16 K and V, 8 KV heads of 128
+        worst = result["targets"]["paged_over_gather"]["worst"]
+        assert worst == min(r["paged_over_gather"] for r in result["rows"])
 
 
 def test_gather_equals_the_reference_gather():
