@@ -88,7 +88,7 @@ def main() -> None:
     copy = copy_bandwidth(device, gigabytes=2.0 if device == "cuda" else 0.001)
     print(f"{device_name(device)}: device-to-device copy {copy:.2f} TB/s (read + write)")
     paths = PATHS if sweep else tuple(p for p in PATHS if not p.endswith("_best"))
-    header = (f"{'B':>4} {'S':>6} {'KV GB':>6} | " + " ".join(f"{n:>16}" for n in paths)
+    header = (f"{'B':>4} {'S':>6} {'KV GB':>6} | " + " ".join(f"{n:>21}" for n in paths)
               + f" | {'paged/sdpa':>10} {'paged/gath':>10} {'int8/sdpa':>9}")
     print(header + "\n" + "-" * len(header))
     results = []
@@ -104,7 +104,8 @@ def main() -> None:
             if kernel.startswith("paged"):
                 row[f"{kernel}_over_gather"] = round(row["gather_ms"] / row[f"{kernel}_ms"], 3)
         results.append(row)
-        cells = " ".join(f"{row[f'{n}_ms']:8.3f}ms {row[f'{n}_TBps']:4.2f}T" for n in paths)
+        cells = " ".join(f"{row[f'{n}_ms']:8.3f}ms {row[f'{n}_TBps']:4.2f}T "
+                         f"{row[f'{n}_pct_copy']:3.0f}%" for n in paths)
         print(f"{B:>4} {S:>6} {row['kv_GB']:6.3f} | {cells} | {row['paged_over_sdpa']:10.2f} "
               f"{row['paged_over_gather']:10.2f} {row['int8_over_sdpa']:9.2f}", flush=True)
         if args.graphs:
@@ -114,8 +115,8 @@ def main() -> None:
         if sweep:
             print(f"{'':>18} best configs: paged {row['paged_best_config']}, int8 "
                   f"{row['int8_best_config']}", flush=True)
-    print("ms: median time; T: TB/s of bf16 K and V; ratios: throughput (time of the other "
-          "over time of the first), default launch options")
+    print("ms: median time; T: TB/s of bf16 K and V; %: of the copy's TB/s; ratios: throughput "
+          "(time of the other over time of the first), default launch options")
 
     result = {
         "device": device_name(device),
