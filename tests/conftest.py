@@ -1,5 +1,5 @@
-"""Shared test helpers: an independent, deliberately naive attention reference, and
-hypothesis settings without wall-clock deadlines.
+"""Shared test helpers: an independent, deliberately naive attention reference, unit-scale
+random models, and hypothesis settings without wall-clock deadlines.
 
 `naive_attention` is written from the definition, one (row, head, query) at a time, in
 float64, with an explicit softmax and no mask tensor: it shares no code and no tricks (grouped
@@ -14,6 +14,10 @@ import math
 import pytest
 import torch
 from hypothesis import settings
+from torch import nn
+
+from kvlib.config import ModelConfig
+from kvlib.model import TransformerLM
 
 # Wall-clock deadlines fail on a loaded machine without saying anything about correctness.
 settings.register_profile("kvlib", deadline=None)
@@ -78,3 +82,31 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+def unit_scale_model(seed: int, *, random_norms: bool = False, **fields) -> TransformerLM:
+    """A seeded fp32 model (eval mode, no grad) whose weights are redrawn at unit scale.
+
+    The 0.02 init leaves attention nearly uniform and logits within a few hundredths of each
+    other, so a cache that mixes up positions, rows or layers would only move the fifth
+    decimal; at unit scale (linear weights ~ N(0, 1.5^2 / fan_in), embeddings ~ N(0, 1))
+    attention is sharp and logits differ by whole units. `random_norms` also draws the
+    RMSNorm weights from [0.5, 1.5), so a norm applied to the wrong tensor shows too.
+    Imported by the test modules as `from conftest import unit_scale_model`.
+    """
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = TransformerLM(ModelConfig(**fields))
+        gen = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():
+            for module in model.modules():
+                if isinstance(module, nn.Linear):
+                    std = 1.5 / math.sqrt(module.in_features)
+                    module.weight.copy_(torch.randn(module.weight.shape, generator=gen) * std)
+                elif isinstance(module, nn.Embedding):
+                    module.weight.copy_(torch.randn(module.weight.shape, generator=gen))
+            if random_norms:
+                for name, param in model.named_parameters():
+                    if name.endswith("norm.weight"):
+                        param.copy_(0.5 + torch.rand(param.shape, generator=gen))
+    return model.eval().requires_grad_(False)

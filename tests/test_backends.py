@@ -8,15 +8,13 @@ change its logits, and a ragged packed batch must give each sequence what it get
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
-from torch import nn
+from conftest import unit_scale_model
 
 from kvlib.backends import BACKENDS, attend
 from kvlib.cache.contract import DenseKV, PagedKV, StepBatch
-from kvlib.config import Layout, ModelConfig
+from kvlib.config import Layout
 from kvlib.model import TransformerLM
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -137,22 +135,11 @@ def test_unknown_backend_and_bad_queries_raise():
 # ---------------------------------------------------------------------------------------------
 
 def unit_model(seed: int = 0, **overrides) -> TransformerLM:
-    """A seeded fp32 model with unit-scale weights, so attention is sharp and logits vary by
-    whole units (the 0.02 init would hide a mixed-up position in the fifth decimal)."""
+    """A seeded unit-scale fp32 model (conftest.unit_scale_model): attention is sharp and
+    logits vary by whole units, so a mixed-up position cannot hide in the fifth decimal."""
     fields = {"vocab_size": 128, "d_model": 32, "num_layers": 2, "num_heads": 4,
               "num_kv_heads": 1, "ffn_dim": 64, "max_seq_len": 64, "rope_theta": 500.0}
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = TransformerLM(ModelConfig(**{**fields, **overrides}))
-        gen = torch.Generator().manual_seed(seed + 1)
-        with torch.no_grad():
-            for module in model.modules():
-                if isinstance(module, nn.Linear):
-                    std = 1.5 / math.sqrt(module.in_features)
-                    module.weight.copy_(torch.randn(module.weight.shape, generator=gen) * std)
-                elif isinstance(module, nn.Embedding):
-                    module.weight.copy_(torch.randn(module.weight.shape, generator=gen))
-    return model.eval().requires_grad_(False)
+    return unit_scale_model(seed, **{**fields, **overrides})
 
 
 def tokens(n: int, seed: int, vocab: int = 128) -> torch.Tensor:

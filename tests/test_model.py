@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from torch import nn
+from conftest import unit_scale_model
 
 from kvlib.cache import FlatKVCache
 from kvlib.config import Layout, ModelConfig
@@ -25,25 +25,10 @@ LAYOUT_IDS = ["seq_major", "head_major"]
 
 
 def random_model(seed: int = 0, **overrides) -> TransformerLM:
-    """A seeded fp32 model with unit-scale random weights (eval mode, no grad)."""
+    """A seeded unit-scale fp32 model, norms drawn too (conftest.unit_scale_model)."""
     fields = {"vocab_size": 256, "d_model": 64, "num_layers": 2, "num_heads": 4,
               "num_kv_heads": 2, "max_seq_len": 512, "rope_theta": 500.0}
-    cfg = ModelConfig(**{**fields, **overrides})
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = TransformerLM(cfg)
-        gen = torch.Generator().manual_seed(seed + 1)
-        with torch.no_grad():
-            for module in model.modules():
-                if isinstance(module, nn.Linear):
-                    std = 1.5 / math.sqrt(module.in_features)
-                    module.weight.copy_(torch.randn(module.weight.shape, generator=gen) * std)
-                elif isinstance(module, nn.Embedding):
-                    module.weight.copy_(torch.randn(module.weight.shape, generator=gen))
-            for name, param in model.named_parameters():
-                if name.endswith("norm.weight"):
-                    param.copy_(0.5 + torch.rand(param.shape, generator=gen))
-    return model.eval().requires_grad_(False)
+    return unit_scale_model(seed, random_norms=True, **{**fields, **overrides})
 
 
 def prompt_tokens(B: int, P: int, vocab: int = 256, seed: int = 0) -> torch.Tensor:
