@@ -121,7 +121,8 @@ def make_case(B: int, S: int, *, H: int = 32, Hkv: int = 8, D: int = 128, BS: in
 @dataclass(frozen=True)
 class KernelConfig:
     """How the paged kernels are launched: tile, warps, pipelining depth, and how many
-    programs per multiprocessor the split plan aims at. The defaults are the kernel's."""
+    programs per multiprocessor the split plan aims at. The defaults are the float kernel's
+    (the INT8 kernel's own default depth is `paged_decode_int8.INT8_NUM_STAGES`)."""
 
     tile_n: int = TILE_N
     num_warps: int = NUM_WARPS
@@ -130,7 +131,7 @@ class KernelConfig:
 
     @property
     def key(self) -> str:
-        """A short name: 'tile64 w4 s3 p4'."""
+        """A short name: 'tile64 w4 s3 p2'."""
         return (f"tile{self.tile_n} w{self.num_warps} s{self.num_stages} "
                 f"p{self.programs_per_sm}")
 

@@ -52,9 +52,9 @@ except ImportError:  # kvlib imports without triton; the function falls back to 
 
 # Launch defaults, chosen by the sweep of bench/gpu_decode.py on an H100 (36 configs x 6 shapes,
 # bench/results/gpu_sweep_nvidia-h100-80gb-hbm3.json): the best geometric mean over
-# the shapes, and within 5% of contiguous SDPA on each.
+# the shapes, and within 5% of contiguous SDPA on each in that sweep.
 TILE_N = 64  # tokens per loop iteration: several BS=16 blocks per tile keeps loads in flight
-NUM_WARPS = 4  # warps per program (Triton's default; 8 was slower at every shape)
+NUM_WARPS = 4  # warps per program (Triton's default; 8 lost at every shape, INT8 by 7-32%)
 NUM_STAGES = 3  # software-pipelining depth Triton may use for the loop (its default)
 PROGRAMS_PER_SM = 2  # the split plan aims at this many programs per multiprocessor
 MIN_DOT = 16  # tl.dot needs every dimension >= 16: the query group is padded to this
