@@ -84,7 +84,7 @@ def main() -> None:
     for child in (1, 2, 3):
         paged.fork(0, child)
     model.decode_step(torch.tensor([1, 2, 3, 4], device=device), paged, [0, 1, 2, 3])
-    print(f"   blocks in use: {paged.allocator.num_used_blocks}; 4 separate sequences of 41 "
+    print(f"   blocks in use: {paged.num_used_blocks}; 4 separate sequences of 41 "
           f"tokens would take {4 * -(-41 // 16)} (the 2 full prompt blocks are shared, each "
           f"sample copied only the partly filled third)")
     print("   decode attention, batch 4 x 1,024 tokens (median of 5, round-robin):")

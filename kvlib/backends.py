@@ -31,13 +31,13 @@ from torch.nn import functional as F
 
 from kvlib import flash
 from kvlib.attention import attention, attention_mask
-from kvlib.cache.contract import DenseKV, KVView, PagedKV, StepBatch
+from kvlib.contract import DenseKV, KVView, PagedKV, StepBatch
 
 Backend = Callable[[torch.Tensor, KVView, StepBatch], torch.Tensor]
 BACKENDS: dict[str, Backend] = {}
-# Backends that honour a view's sliding `window` and a ring's `key_start`; any other is
-# refused such a view rather than let attend to keys the layer must not see.
-WINDOWED_BACKENDS = {"reference", "sdpa", "fast"}
+# Backends that honour a view's sliding `window`, its sink tokens and a ring's `key_start`;
+# any other is refused such a view rather than let attend to keys the layer must not see.
+WINDOWED_BACKENDS = {"reference", "sdpa", "fast", "triton"}
 
 
 def register(name: str, fn: Backend) -> Backend:
@@ -65,7 +65,8 @@ def _per_sequence(q: torch.Tensor, dense: DenseKV, batch: StepBatch,
     """Run `fn(q (B, H, T, D), k, v, q_positions (B, T), kv_lens (B,), key_start=)` on
     rectangles (`key_start` (B,) or None: see `DenseKV`).
 
-    A (B, T) batch is one call; a ragged batch is one call per sequence.
+    A (B, T) batch is one call; a ragged batch is one call per sequence, each over its own
+    keys only (a length known on the host: no device read).
     """
     N, H, D = q.shape
     T = batch.uniform_len
@@ -77,9 +78,10 @@ def _per_sequence(q: torch.Tensor, dense: DenseKV, batch: StepBatch,
                  key_start=starts)
         return out.transpose(1, 2).reshape(N, H, D)
     outs = []
-    cu = batch.cu_query_lens.tolist()
+    cu = batch.query_starts
     for b in range(batch.num_seqs):
-        n = int(dense.context_lens[b]) - (0 if starts is None else int(starts[b]))  # keys held
+        # keys row b holds: all its positions, or what its ring holds (at most S)
+        n = batch.context_lens[b] if starts is None else dense.k.shape[2]
         qb = q[cu[b]:cu[b + 1]].transpose(0, 1)[None]  # (1, H, T_b, D)
         kb, vb = dense.k[b:b + 1, :, :n], dense.v[b:b + 1, :, :n]  # (1, Hkv, n, D)
         out = fn(qb, kb, vb, batch.positions[cu[b]:cu[b + 1]][None], dense.context_lens[b:b + 1],
@@ -90,21 +92,23 @@ def _per_sequence(q: torch.Tensor, dense: DenseKV, batch: StepBatch,
 
 def reference(q: torch.Tensor, kv: KVView, batch: StepBatch) -> torch.Tensor:
     """Gather (if paged), then the plain masked-softmax attention of `kvlib.attention`."""
-    return _per_sequence(q, kv.dense(), batch, partial(attention, window=kv.window))
+    return _per_sequence(q, kv.dense(), batch, partial(attention, window=kv.window,
+                                                       sink_tokens=kv.sink_tokens))
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_positions: torch.Tensor,
           kv_lens: torch.Tensor, window: int | None = None,
-          key_start: torch.Tensor | None = None) -> torch.Tensor:
+          key_start: torch.Tensor | None = None, sink_tokens: int = 0) -> torch.Tensor:
     S = k.shape[2]
-    mask = attention_mask(q_positions, kv_lens, S, window, key_start)  # (B, T, S)
+    mask = attention_mask(q_positions, kv_lens, S, window, key_start, sink_tokens)  # (B, T, S)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None],
                                           enable_gqa=True)  # (B, H, T, D)
 
 
 def sdpa(q: torch.Tensor, kv: KVView, batch: StepBatch) -> torch.Tensor:
     """torch's fused attention on dense tensors (a paged view is gathered first)."""
-    return _per_sequence(q, kv.dense(), batch, partial(_sdpa, window=kv.window))
+    return _per_sequence(q, kv.dense(), batch, partial(_sdpa, window=kv.window,
+                                                       sink_tokens=kv.sink_tokens))
 
 
 def triton(q: torch.Tensor, kv: KVView, batch: StepBatch) -> torch.Tensor:
@@ -136,19 +140,19 @@ def fast(q: torch.Tensor, kv: KVView, batch: StepBatch) -> torch.Tensor:
     if batch.uniform_len == 1:
         return paged_decode_attention(q, kv.k_pool, kv.v_pool, kv.block_tables,
                                       kv.context_lens)  # (B, H, D) = (N, H, D)
-    one = batch.query_lens == 1  # (B,) rows feeding one token: a decode, whatever its past
-    if not bool(one.any()):
+    decodes = [b for b, n in enumerate(batch.query_lens) if n == 1]  # one new token each
+    if not decodes:
         return sdpa(q, kv, batch)
-    cu = batch.cu_query_lens  # (B+1,)
+    cu = batch.query_starts  # (B+1,)
     out = torch.empty_like(q)  # (N, H, D)
-    rows = one.nonzero()[:, 0]  # (Bd,)
-    tok = cu[:-1][rows].to(q.device)  # (Bd,) packed index of each one-token row
+    rows = torch.tensor(decodes, device=q.device)  # (Bd,)
+    tok = torch.tensor([cu[b] for b in decodes], device=q.device)  # (Bd,) packed index
     out[tok] = paged_decode_attention(q[tok], kv.k_pool, kv.v_pool, kv.block_tables[rows],
                                       kv.context_lens[rows])  # (Bd, H, D)
-    for b in (~one).nonzero()[:, 0].tolist():
-        n = int(batch.context_lens[b])
+    for b in (b for b, n in enumerate(batch.query_lens) if n > 1):
+        n = batch.context_lens[b]
         dense = PagedKV(kv.k_pool, kv.v_pool, kv.block_tables[b:b + 1],
-                        kv.context_lens[b:b + 1]).dense()  # (1, Hkv, n, D): this row only
+                        kv.context_lens[b:b + 1]).dense()  # (1, Hkv, S_b, D): this row only
         qb = q[cu[b]:cu[b + 1]].transpose(0, 1)[None]  # (1, H, T_b, D)
         pos = batch.positions[cu[b]:cu[b + 1]][None]  # (1, T_b)
         ob = _sdpa(qb, dense.k[:, :, :n], dense.v[:, :, :n], pos, dense.context_lens)

@@ -56,6 +56,9 @@ class ModelConfig:
     (Qwen2; o has none). `sliding_window` W makes a layer attend to its last W keys only (the
     query's own included), on the layers in `sliding_layers`, or on every layer when that is
     None (Mistral-7B v0.1); Gemma-2 alternates, windowed layers 0, 2, 4, ...
+    `sink_tokens` k keeps the first k positions visible to the windowed layers besides their
+    window (StreamingLLM's "attention sinks": a model trained with full attention, run with
+    a window and sinks so that its cache stops growing).
 
     >>> cfg = ModelConfig(vocab_size=10, d_model=8, num_layers=4, num_heads=2, num_kv_heads=1,
     ...                   sliding_window=16, sliding_layers=(0, 2))
@@ -77,6 +80,7 @@ class ModelConfig:
     qkv_bias: bool = False
     sliding_window: int | None = None  # None: every layer attends to all earlier keys
     sliding_layers: tuple[int, ...] | None = None  # layers with the window; None: all of them
+    sink_tokens: int = 0  # windowed layers also always see the first k positions (StreamingLLM)
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self) -> None:
@@ -112,6 +116,12 @@ class ModelConfig:
     def _check_window(self) -> None:
         if self.sliding_window is not None:
             _positive_int("ModelConfig", "sliding_window", self.sliding_window)
+        _require(isinstance(self.sink_tokens, int) and not isinstance(self.sink_tokens, bool)
+                 and self.sink_tokens >= 0,
+                 f"ModelConfig.sink_tokens must be an int >= 0, got {self.sink_tokens!r}")
+        _require(self.sink_tokens == 0 or self.sliding_window is not None,
+                 f"ModelConfig.sink_tokens {self.sink_tokens} given without a sliding_window: "
+                 f"sinks are kept beside a window")
         if self.sliding_layers is None:
             return
         _require(self.sliding_window is not None,
@@ -148,6 +158,16 @@ class CacheConfig:
 
     `max_batch_size` and `max_seq_len` size a flat (preallocated) cache; `block_size` is for
     the paged cache, which carves the same memory into blocks of that many tokens.
+
+    `layer_windows` and `sink_tokens` say which keys each layer reads, as the model's layers
+    do (`for_model` copies them; `()` means no layer has a window). A cache hands them to
+    attention with every view, and may drop what no query reads again; the model refuses a
+    cache whose windows are not its own.
+
+    >>> cfg = ModelConfig(vocab_size=10, d_model=8, num_layers=2, num_heads=2, num_kv_heads=1,
+    ...                   sliding_window=4, sliding_layers=(0,))
+    >>> CacheConfig.for_model(cfg, max_batch_size=1, max_seq_len=16).layer_windows
+    (4, None)
     """
 
     num_layers: int
@@ -159,11 +179,28 @@ class CacheConfig:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     layout: Layout = Layout.SEQ_MAJOR
     block_size: int = 16
+    layer_windows: tuple[int | None, ...] = ()  # a window W per layer, or None; (): none at all
+    sink_tokens: int = 0  # first positions windowed layers always read
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "num_kv_heads", "head_dim", "max_batch_size",
                      "max_seq_len", "block_size"):
             _positive_int("CacheConfig", name, getattr(self, name))
+        windows = tuple(self.layer_windows)
+        _require(not windows or len(windows) == self.num_layers,
+                 f"CacheConfig.layer_windows has {len(windows)} entries for {self.num_layers} "
+                 f"layers")
+        for w in windows:
+            if w is not None:
+                _positive_int("CacheConfig", "layer_windows entry", w)
+        if all(w is None for w in windows):
+            windows = ()
+        object.__setattr__(self, "layer_windows", windows)
+        _require(isinstance(self.sink_tokens, int) and not isinstance(self.sink_tokens, bool)
+                 and self.sink_tokens >= 0,
+                 f"CacheConfig.sink_tokens must be an int >= 0, got {self.sink_tokens!r}")
+        _require(self.sink_tokens == 0 or bool(windows),
+                 f"CacheConfig.sink_tokens {self.sink_tokens} given without layer_windows")
         _require(isinstance(self.dtype, torch.dtype) and self.dtype.is_floating_point,
                  f"CacheConfig.dtype must be a floating torch.dtype, got {self.dtype!r}")
         try:
@@ -179,10 +216,16 @@ class CacheConfig:
     @classmethod
     def for_model(cls, model: ModelConfig, *, max_batch_size: int, max_seq_len: int,
                   **kwargs) -> CacheConfig:
-        """A cache config with the model's layers, KV heads and head dim."""
+        """A cache config with the model's layers, KV heads, head dim, windows and sinks."""
+        kwargs = {"layer_windows": model.layer_windows, "sink_tokens": model.sink_tokens,
+                  **kwargs}
         return cls(num_layers=model.num_layers, num_kv_heads=model.num_kv_heads,
                    head_dim=model.head_dim, max_batch_size=max_batch_size,
                    max_seq_len=max_seq_len, **kwargs)
+
+    def window(self, layer: int) -> int | None:
+        """The window W of layer `layer`, or None when it reads every earlier key."""
+        return self.layer_windows[layer] if self.layer_windows else None
 
     @property
     def shape(self) -> tuple[int, ...]:

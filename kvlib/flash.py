@@ -38,8 +38,8 @@ from collections.abc import Callable
 import torch
 
 from kvlib.attention import _check_qkv
-from kvlib.cache.contract import DenseKV, KVView, PagedKV, StepBatch
 from kvlib.checks import require_int
+from kvlib.contract import DenseKV, KVView, PagedKV, StepBatch
 
 Q_TILE = 64  # default query rows per tile
 KV_TILE = 128  # default keys per tile
@@ -343,7 +343,7 @@ def make_backend(q_tile: int = Q_TILE, kv_tile: int = KV_TILE, kv_chunk: int = K
             qb = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
             out = _attend(qb, kv, batch.positions.view(B, T), q_tile, kv_tile, kv_chunk)
             return out.transpose(1, 2).reshape(N, H, D)
-        cu = batch.cu_query_lens.tolist()
+        cu = batch.query_starts
         outs = []
         for b in range(batch.num_seqs):
             qb = q[cu[b]:cu[b + 1]].transpose(0, 1)[None]  # (1, H, T_b, D)

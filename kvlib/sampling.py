@@ -36,11 +36,13 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
-    def generator(self, device: torch.device | str = "cpu") -> torch.Generator | None:
-        """A seeded random generator for this request, or None to use torch's global one."""
+    def generator(self, device: torch.device | str = "cpu",
+                  stream: int = 0) -> torch.Generator | None:
+        """A seeded random generator for this request, or None to use torch's global one.
+        `stream` b gives row b of a batch its own generator (seed + b)."""
         if self.seed is None:
             return None
-        return torch.Generator(device=device).manual_seed(self.seed)
+        return torch.Generator(device=device).manual_seed(self.seed + stream)
 
 
 def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:

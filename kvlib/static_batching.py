@@ -108,7 +108,7 @@ def _run_batch(model, cache, prompts, samplings, lengths, stops, members, t0, me
                 events.append((i, "finish", len(out[j])))
         metrics.steps.append(StepRecord(
             len(metrics.steps), sum(lens), len(members), 0 if step == 0 else len(members),
-            sum(lens) if step == 0 else 0, cache.allocator.num_used_blocks, 0,
+            sum(lens) if step == 0 else 0, cache.num_used_blocks, 0,
             now - step_start, tuple(events)))
     cache.release(ids)
     end = time.perf_counter()

@@ -127,7 +127,7 @@ def test_paged_scenario_matches_the_hand_worked_tables():
     assert [sorted(s.copied) for s in snaps] == [[]] * 5 + [[4]] + [[]] * 4
     assert [b for b, c in enumerate(snaps[8].cached) if c] == [0, 1]
     assert snaps[3].lengths == {0: 9, 1: 11} and snaps[6].lengths[0] == 10
-    cache.allocator.check_invariants()
+    cache.check_invariants()
     assert _read_back(cache, 3) == list(range(1, 9)) + [40, 41, 42]
 
 
@@ -147,8 +147,8 @@ def test_every_sequence_reads_back_its_own_tokens_at_every_step():
         act(cache)
         for seq_id, tokens in expected.get(step, {}).items():
             assert _read_back(cache, seq_id) == tokens, (step, seq_id)
-        cache.allocator.check_invariants()
-    assert cache.allocator.num_free_blocks == pw.SCENARIO_NUM_BLOCKS - 3
+        cache.check_invariants()
+    assert cache.num_free_blocks == pw.SCENARIO_NUM_BLOCKS - 3
 
 
 def test_admit_with_prefix_reports_the_reused_tokens():

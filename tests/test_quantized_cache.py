@@ -10,13 +10,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from kvlib.cache import KVCache
-from kvlib.cache.contract import append
 from kvlib.cache.flat import FlatKVCache
 from kvlib.cache.paged import PagedKVCache
 from kvlib.cache.quant_memory import PRESETS, KVQuantConfig, memory
 from kvlib.cache.quantize import QuantScheme, compute_params, decode, encode, fake_quantize
 from kvlib.cache.quantized import QuantizedKVCache
 from kvlib.config import CacheConfig
+from kvlib.contract import append
 from kvlib.experiments import demo_model
 from kvlib.experiments.quantization import (
     SMALL_CONFIG,

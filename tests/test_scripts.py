@@ -45,13 +45,16 @@ def test_engine_bench_ends_with_json_throughputs():
     pytest.importorskip("transformers")
     out = _run("bench/engine.py", "--quick")
     last = json.loads(out.strip().splitlines()[-1])
-    for name in ("continuous", "static", "transformers"):
+    for name in ("continuous", "static", "transformers", "transformers_cb"):
         assert last[f"{name}_tok_s"] > 0
     ratio = last["continuous_tok_s"] / last["static_tok_s"]
     assert abs(ratio - last["continuous_over_static"]) <= 0.01 * ratio + 0.01
-    # greedy outputs agree, request for request, across the three schedules
+    ratio = last["continuous_tok_s"] / last["transformers_cb_tok_s"]
+    assert abs(ratio - last["continuous_over_transformers_cb"]) <= 0.01 * ratio + 0.01
+    # greedy outputs agree, request for request, across the four schedules
     assert last["greedy_equal_static"] == last["requests"]
     assert last["greedy_equal_transformers"] == last["requests"]
+    assert last["greedy_equal_transformers_cb"] == last["requests"]
     assert last["device"].startswith("cpu")
 
 

@@ -35,7 +35,6 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from kvlib.cache.contract import DenseKV, KVCache, StepBatch, check_new_kv
 from kvlib.cache.flat import FlatKVCache
 from kvlib.cache.quant_memory import KVQuantConfig, Memory, RowLayout, memory, row_layout
 from kvlib.cache.quantize import (
@@ -49,6 +48,7 @@ from kvlib.cache.quantize import (
 )
 from kvlib.checks import require_int
 from kvlib.config import CacheConfig
+from kvlib.contract import DenseKV, KVCache, StepBatch, check_new_kv
 
 BYTE = torch.float8_e4m3fn  # the inner cache's 1-byte element type; its bits are never read as floats
 
@@ -124,17 +124,16 @@ class QuantizedKVCache:
         k, v = k.detach(), v.detach()
         # Rows to (re)write: from the start of each sequence's incomplete group to its end,
         # so a group completed in this step is written whole (its scales need all G tokens).
-        starts = (batch.context_lens - batch.query_lens).tolist()
-        cu = batch.cu_query_lens.tolist()
+        starts, cu = batch.starts, batch.query_starts
         xs, slots = ([], []), []
         for b, s in enumerate(batch.seq_ids):
             start, lo = starts[b], starts[b] - starts[b] % self.group
-            new_slots = batch.slot_mapping[cu[b]:cu[b + 1]]  # (T_b,)
+            new_slots = batch.slot_mapping[:, cu[b]:cu[b + 1]]  # (G, T_b), a row per group
             # NOTE: positions lo..start-1 lie in start's block (block_size % G == 0), just
             # before it, and `begin` made that block private: rewriting them cannot touch a
             # forked sibling.
             back = torch.arange(lo - start, 0, device=new_slots.device)  # (start - lo,)
-            slots.append(torch.cat([new_slots[0] + back, new_slots]))
+            slots.append(torch.cat([new_slots[:, :1] + back, new_slots], dim=1))
             # NOTE: old positions come from the tail as `begin` saved it, so writing a layer
             # twice in one step writes the same rows again.
             before = self._open.tails[s]
@@ -142,9 +141,9 @@ class QuantizedKVCache:
                 old = self._tail_rows(before, layer, kind, lo, start)  # (start - lo, Hkv, D)
                 xs[kind].append(torch.cat([old, new[cu[b]:cu[b + 1]]]))  # (n_b, Hkv, D)
         rows = [self._encode_rows(layer, kind, xs[kind], batch) for kind in (0, 1)]
-        slot_mapping = torch.cat(slots)  # (N',)
+        slot_mapping = torch.cat(slots, dim=1)  # (G, N')
         wide = replace(batch, slot_mapping=slot_mapping,
-                       positions=torch.zeros_like(slot_mapping))  # only the count is read
+                       positions=torch.zeros_like(slot_mapping[0]))  # only the count is read
         self.inner.write(layer, wide, rows[0].view(BYTE), rows[1].view(BYTE))  # (N', Hkv, W)
         for b, s in enumerate(batch.seq_ids):
             self._to_tail(s, layer, k[cu[b]:cu[b + 1]], v[cu[b]:cu[b + 1]], starts[b])
@@ -152,13 +151,13 @@ class QuantizedKVCache:
 
     def read(self, layer: int, batch: StepBatch) -> DenseKV:
         self._check_open(batch)
-        rows = self.inner.read(layer, batch).dense()  # (B, Hkv, S, W) bytes
+        rows = self.inner.read(layer, batch).dense()  # (B, Hkv, S', W) bytes, S' >= S
+        S = max(batch.context_lens)
+        rows = replace(rows, k=rows.k[:, :, :S], v=rows.v[:, :, :S])  # (B, Hkv, S, W)
         # NOTE: before this layer writes the step, only the committed tokens are stored (a
         # group the new tokens would complete has no rows yet): read those, the rest is
         # unwritten, as in any cache.
-        lens = batch.context_lens if layer in self._open.written else (
-            batch.context_lens - batch.query_lens)
-        lens = lens.tolist()
+        lens = batch.context_lens if layer in self._open.written else batch.starts
         out = []
         for kind, data in enumerate((rows.k, rows.v)):
             x = self._decode_rows(layer, kind, data.view(torch.uint8))  # (B, Hkv, S, D)
@@ -168,7 +167,8 @@ class QuantizedKVCache:
                     x[b, :, lo:lens[b]] = self._tail_rows(self._tails[s], layer, kind, lo,
                                                           lens[b]).transpose(0, 1)
             out.append(x)
-        return DenseKV(out[0], out[1], batch.context_lens.to(self.config.device))
+        return DenseKV(out[0], out[1], rows.context_lens.long(), self.config.window(layer),
+                       self.config.sink_tokens)
 
     def commit(self, batch: StepBatch) -> None:
         self.inner.commit(batch)
@@ -195,6 +195,32 @@ class QuantizedKVCache:
         self.inner.release(seq_ids)
         for s in seq_ids:
             self._tails.pop(s, None)
+
+    # -- the scheduler's protocol (KVCacheManager), when the inner cache is paged ---------------
+    # NOTE: over a flat cache these raise AttributeError (a flat cache has no blocks), so
+    # `isinstance(cache, KVCacheManager)` is False and an engine refuses it.
+    @property
+    def block_size(self) -> int:
+        return self.inner.block_size
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.inner.num_used_blocks
+
+    def admit(self, seq_id: int, token_ids: Sequence[int]) -> int:
+        """Admit with the cached prefix blocks, when there is no full-precision tail: a
+        reused prefix has only its quantized rows, not the recent tokens a tail would read
+        in full precision, so a cache with a tail computes every prompt."""
+        return self.inner.admit(seq_id, token_ids if not self.tail_len else [])
+
+    def allocate(self, seq_id: int, num_tokens: int) -> bool:
+        return self.inner.allocate(seq_id, num_tokens)
+
+    def check_fits_alone(self, num_tokens: int, max_query_len: int) -> None:
+        self.inner.check_fits_alone(num_tokens, max_query_len)
+
+    def check_invariants(self) -> None:
+        self.inner.check_invariants()
 
     # -- encoding and decoding rows ---------------------------------------------------------
     def _encode_rows(self, layer: int, kind: int, xs: list[torch.Tensor],

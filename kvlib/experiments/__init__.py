@@ -17,9 +17,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from kvlib.attention import decode_attention
 from kvlib.bench import Timing, measure, progress
-from kvlib.cache.contract import append
 from kvlib.cache.flat import FlatKVCache
 from kvlib.config import CacheConfig, Layout, ModelConfig
+from kvlib.contract import append
 from kvlib.model import TransformerLM
 
 # The random-weight model the chapters and benchmarks time: Llama-shaped (GQA, SwiGLU),

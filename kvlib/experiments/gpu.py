@@ -33,7 +33,7 @@ from torch.nn import functional as F
 
 from kvlib.analysis import Hardware
 from kvlib.bench import measure
-from kvlib.cache.contract import PagedKV
+from kvlib.contract import PagedKV
 from kvlib.kernels.paged_decode import (
     NUM_STAGES,
     NUM_WARPS,

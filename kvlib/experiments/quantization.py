@@ -17,12 +17,12 @@ import torch
 from kvlib.attention import attention
 from kvlib.backends import attend
 from kvlib.bench import Timing, measure
-from kvlib.cache.contract import append
 from kvlib.cache.flat import FlatKVCache
 from kvlib.cache.quant_memory import KVQuantConfig
 from kvlib.cache.quantize import QuantScheme, fake_quantize
 from kvlib.cache.quantized import QuantizedKVCache
 from kvlib.config import CacheConfig, ModelConfig
+from kvlib.contract import append
 from kvlib.model import TransformerLM
 from kvlib.sampling import SamplingParams
 

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from kvlib.attention import decode_attention
-from kvlib.cache.contract import PagedKV
+from kvlib.contract import PagedKV
 
 try:
     import numba

@@ -278,3 +278,31 @@ def scheme_table_html(results: Mapping[str, SchemeResult], budget: int, title: s
             f"<th>in flight</th><th>requests in {budget:,} slots</th></tr>")
     caption = f"<caption>{html.escape(title)}</caption>" if title else ""
     return (f'<table style="font-size: 12px">{caption}{head}{"".join(rows)}</table>')
+
+
+def draw_group_tables(ax: Axes, tables: Mapping[str, Sequence[int]], null_blocks: Mapping[str, int],
+                      block_size: int) -> None:
+    """One sequence's block table in each cache group, one row per group: a block it holds
+    is a filled square with its id, an entry whose block the window freed is the null block
+    (hatched). The x axis is the table entry, i.e. positions entry * block_size on."""
+    for row, (name, table) in enumerate(tables.items()):
+        y = -row * 1.3
+        null = null_blocks[name]
+        for j, b in enumerate(table):
+            held = b != null
+            ax.add_patch(Rectangle((j, y), 0.92, 0.9, facecolor=SCHEME_COLORS["paged"]
+                                   if held else "white", hatch=None if held else "///",
+                                   edgecolor="#555555", lw=0.6, alpha=0.85 if held else 1))
+            if len(table) <= 40:
+                ax.text(j + 0.46, y + 0.45, str(b) if held else "∅", ha="center",
+                        va="center", fontsize=7, color="white" if held else "#555555")
+        live = sum(b != null for b in table)
+        ax.text(-0.4, y + 0.45, f"{name}\n{live} of {len(table)} held", ha="right",
+                va="center", fontsize=9)
+    width = max(len(t) for t in tables.values())
+    ax.set_xlim(-0.2, width + 0.2)
+    ax.set_ylim(-1.3 * (len(tables) - 1) - 0.3, 1.2)
+    ax.set_yticks([])
+    ax.set_xlabel(f"block table entry (positions entry x {block_size} on)")
+    for side in ("top", "right", "left"):
+        ax.spines[side].set_visible(False)

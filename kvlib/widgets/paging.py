@@ -60,7 +60,7 @@ def feed(cache: PagedKVCache, seq_id: int, token_ids: Iterable[int]) -> None:
 def admit_with_prefix(cache: PagedKVCache, seq_id: int, prompt: Sequence[int]) -> int:
     """Admit `seq_id` reusing the cached blocks its prompt starts with, feed the rest;
     return how many prompt tokens were reused."""
-    reused = cache.reuse_prefix(seq_id, prompt)
+    reused = cache.admit(seq_id, prompt)
     feed(cache, seq_id, prompt[reused:])
     return reused
 
@@ -70,7 +70,8 @@ def cache_snapshot(cache: PagedKVCache, caption: str = "",
     """A real cache as drawn: its block tables, lengths, and the allocator's reference counts
     and cached free blocks. Blocks that replaced another at the same place of a table since
     `before` (seq_id -> block table) are marked as copied on write."""
-    blocks = cache.allocator.blocks
+    (allocator,) = cache.manager.allocators  # one cache group: every layer alike
+    blocks = allocator.blocks
     tables = {s: cache.block_table(s) for s in cache.seq_ids}
     lengths = {s: int(cache.lengths([s])[0]) for s in cache.seq_ids}
     copied = [b for s, t in tables.items() if before and s in before
