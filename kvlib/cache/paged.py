@@ -186,7 +186,8 @@ class PagedKVCache:
             for b in range(len(ids))])
         return batch
 
-    def write(self, layer: int, batch: StepBatch, k: torch.Tensor, v: torch.Tensor) -> None:
+    def write(self, layer: int, batch: StepBatch, k: torch.Tensor,
+              v: torch.Tensor | None) -> None:
         self._check_layer(layer)
         self._ledger.check(batch)
         g = self.storage.group_of(layer)
@@ -247,7 +248,7 @@ class PagedKVCache:
             raise ValueError(f"{len(data)} block tensors for {len(self.groups)} cache groups")
         for g, (ids, d) in enumerate(zip(blocks.block_ids, data)):
             pool = self.storage.pools[g]
-            expected = (pool.shape[0], 2, sum(b is not None for b in ids), *pool.shape[3:])
+            expected = (*pool.shape[:2], sum(b is not None for b in ids), *pool.shape[3:])
             if not isinstance(d, torch.Tensor) or tuple(d.shape) != expected or (
                     d.dtype != pool.dtype):
                 raise ValueError(f"group {g}: blocks must be {pool.dtype} {expected} (L_g, 2, "

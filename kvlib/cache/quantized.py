@@ -77,6 +77,9 @@ class QuantizedKVCache:
                  inner: Callable[[CacheConfig], KVCache] = FlatKVCache) -> None:
         if not isinstance(quant, KVQuantConfig):
             raise ValueError(f"quant must be a KVQuantConfig, got {type(quant).__name__}")
+        if config.latent_dim:
+            raise ValueError(f"kvlib quantizes keys and values, not a latent row (latent_dim "
+                             f"{config.latent_dim}): use a PagedKVCache for latent attention")
         if quant.window > config.max_seq_len:
             raise ValueError(f"window {quant.window} is larger than the cache "
                              f"(max_seq_len {config.max_seq_len})")

@@ -8,6 +8,12 @@ found cheapest to read, and the tile a decode kernel loads. (Token-major blocks,
 use them -- and FlashInfer measures no real difference; kvlib picks the layout its kernels
 and its chapter on layouts explain best.)
 
+A latent cache (`CacheConfig.latent_dim` > 0, multi-head latent attention) stores one row
+per token instead of a key and a value: its pools are `(L_g, 1, NB + 1, 1, BS, R + P)`, the
+"2" of K and V become the 1 of `config.kv_parts`. `k_pool` is the whole row (the latent,
+then the rotary key) and `v_pool` a view of its first R numbers: attention reads the latent
+as the value without a second copy in memory.
+
 Row `NB` of every pool is the group's null block: zeros, never written, standing in the block
 tables of windowed groups for blocks their window has passed (`kvlib.cache.block_manager`).
 
@@ -26,7 +32,7 @@ import torch
 
 from kvlib.cache.groups import CacheGroup
 from kvlib.config import CacheConfig
-from kvlib.contract import check_new_kv
+from kvlib.contract import check_new_rows
 from kvlib.kernels.store_kv import store_kv
 
 
@@ -37,8 +43,9 @@ class PagedStorage:
                  num_blocks: Sequence[int]) -> None:
         self.config, self.groups = config, tuple(groups)
         Hkv, BS, D = config.num_kv_heads, config.block_size, config.head_dim
-        self.pools = [torch.zeros(len(g.layers), 2, nb + 1, Hkv, BS, D, dtype=config.dtype,
-                                  device=config.device)  # (L_g, 2, NB + 1, Hkv, BS, D)
+        parts = config.kv_parts  # K and V, or one latent row
+        self.pools = [torch.zeros(len(g.layers), parts, nb + 1, Hkv, BS, D, dtype=config.dtype,
+                                  device=config.device)  # (L_g, 2 or 1, NB + 1, Hkv, BS, D)
                       for g, nb in zip(self.groups, num_blocks)]
         # layer -> (its group, its index among the group's layers)
         self._where = {layer: (g, i) for g, group in enumerate(self.groups)
@@ -53,6 +60,9 @@ class PagedStorage:
 
     def v_pool(self, layer: int) -> torch.Tensor:
         g, i = self._where[layer]
+        R = self.config.latent_dim
+        if R:
+            return self.pools[g][i, 0, ..., :R]  # (NB + 1, 1, BS, R): the latent, a view
         return self.pools[g][i, 1]  # (NB + 1, Hkv, BS, D)
 
     @property
@@ -61,11 +71,16 @@ class PagedStorage:
         return sum(p.nbytes for p in self.pools)
 
     def write(self, layer: int, slot_mapping: torch.Tensor, k: torch.Tensor,
-              v: torch.Tensor) -> None:
-        """Store (N, Hkv, D) keys and values at `slot_mapping` (N,) of the layer's group."""
-        cfg = self.config
-        check_new_kv(k, v, slot_mapping.shape[0], cfg.num_kv_heads, cfg.head_dim, cfg.dtype,
-                     cfg.device)
+              v: torch.Tensor | None) -> None:
+        """Store (N, Hkv, D) keys and values at `slot_mapping` (N,) of the layer's group; a
+        latent cache's (N, 1, R + P) rows as `k`, with `v` None."""
+        check_new_rows(self.config, k, v, slot_mapping.shape[0])
+        if v is None:  # one row per token: a plain scatter (slot = block * BS + offset)
+            pool, BS = self.k_pool(layer), self.config.block_size  # (NB + 1, 1, BS, R + P)
+            keep = slot_mapping >= 0  # (N,)
+            slots = slot_mapping[keep]  # (N',)
+            pool[slots // BS, :, slots % BS] = k.detach()[keep]  # (N', 1, R + P)
+            return
         store_kv(k.detach(), v.detach(), self.k_pool(layer), self.v_pool(layer), slot_mapping)
 
     def copy_blocks(self, copies: Sequence[tuple[int, int, int, int]]) -> None:
@@ -75,17 +90,17 @@ class PagedStorage:
             self.pools[g][:, :, dst, :, :n] = self.pools[g][:, :, src, :, :n]
 
     def read_blocks(self, group: int, block_ids: Sequence[int]) -> torch.Tensor:
-        """A copy of whole blocks: (L_g, 2, n, Hkv, BS, D)."""
+        """A copy of whole blocks: (L_g, 2, n, Hkv, BS, D) (1 for 2 in a latent cache)."""
         index = torch.tensor(list(block_ids), dtype=torch.int64, device=self.config.device)
         return self.pools[group][:, :, index].clone()
 
     def write_blocks(self, group: int, block_ids: Sequence[int], data: torch.Tensor) -> None:
         """Fill whole blocks from `data` (L_g, 2, n, Hkv, BS, D), as `read_blocks` gives."""
         pool = self.pools[group]
-        expected = (pool.shape[0], 2, len(block_ids), *pool.shape[3:])
+        expected = (*pool.shape[:2], len(block_ids), *pool.shape[3:])
         if not isinstance(data, torch.Tensor) or tuple(data.shape) != expected:
-            raise ValueError(f"blocks for group {group} must be a tensor {expected} (L_g, 2, "
-                             f"n, Hkv, BS, D), got "
+            raise ValueError(f"blocks for group {group} must be a tensor {expected} (L_g, "
+                             f"parts, n, Hkv, BS, D), got "
                              f"{tuple(data.shape) if isinstance(data, torch.Tensor) else data!r}")
         if data.dtype != pool.dtype:
             raise ValueError(f"blocks are {data.dtype}, this cache stores {pool.dtype}")
