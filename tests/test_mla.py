@@ -165,3 +165,11 @@ def test_chunked_attention_refuses_narrow_values():
     m.attention = "chunked"
     with pytest.raises(ValueError, match="as wide as keys"):
         m(torch.arange(5)[None])
+
+
+@pytest.mark.parametrize("computation", ["naive", "absorbed"])
+def test_the_chapters_flop_count_matches_the_formula(computation):
+    from kvlib.experiments import mla as mexp
+
+    m = model()  # blocks of 16: a context of 64 gathers no padding
+    assert mexp.counted_flops(m, 64, computation) == decode_cost(m.config, 64, computation).flops

@@ -82,11 +82,13 @@ POLICIES = {p.name: p for p in [
 def full_budget(policy: Policy, fraction: float, num_tokens: int, head_dim: int) -> int | None:
     """Tokens kept in full precision so that the cache's bytes are `fraction` of keeping all
     `num_tokens` in full; None when the policy cannot get that small (a quantized rest of
-    ratio r costs at least r). Evicting policies: round(fraction * num_tokens)."""
+    ratio r costs at least r). Evicting policies: round(fraction * num_tokens); never fewer
+    than the sinks and two more."""
     r = policy.bytes_ratio(head_dim)
     if fraction < r - 1e-9:
         return None
-    return max(2, min(num_tokens, round(num_tokens * (fraction - r) / (1 - r))))
+    tokens = round(num_tokens * (fraction - r) / (1 - r))
+    return max(policy.sink_tokens + 2, min(num_tokens, tokens))
 
 
 @dataclass(frozen=True)
@@ -265,6 +267,25 @@ def _attend_with_rest(scores: torch.Tensor, visible: torch.Tensor, q: torch.Tens
     exact = both.masked_fill(~visible[:, None], 0.0).to(v.dtype)
     quant = both.masked_fill(~low[:, None], 0.0).to(v.dtype)
     return torch.einsum("hgst,htd->hgsd", exact, v) + torch.einsum("hgst,htd->hgsd", quant, vq)
+
+
+@torch.no_grad()
+def first_token_attention(model: TransformerLM, ids: Sequence[int] | torch.Tensor,
+                          start: int = 16) -> torch.Tensor:
+    """(L, H) the mean attention each head pays to the first token, over the queries from
+    `start` on (the full cache): StreamingLLM's "attention sink" measured."""
+    ids = _check(model, ids, "decode", None)
+    S = ids.shape[0]
+    causal = torch.ones(S, S, dtype=torch.bool, device=ids.device).tril()  # (S, S)
+    shares = []
+
+    def attend(layer: int, t: LayerQKV) -> torch.Tensor:
+        probs = t.scores.masked_fill(~causal, float("-inf")).softmax(-1)  # (Hkv, G, S, S)
+        shares.append(probs[:, :, start:, 0].mean(-1).flatten())  # (H,)
+        return torch.einsum("hgst,htd->hgsd", probs.to(t.v.dtype), t.v)
+
+    _forward(model, ids, attend)
+    return torch.stack(shares)  # (L, H)
 
 
 # ---------------------------------------------------------------------------------------------
