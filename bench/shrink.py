@@ -38,7 +38,8 @@ def mla_costs(context: int = 4096) -> dict:
     for computation in ("expanded", "naive", "absorbed"):
         c = decode_cost(DEEPSEEK_V3, context, computation)
         out[computation] = {"cache_bytes": c.cache_bytes, "weight_bytes": c.weight_bytes,
-                            "flops": c.flops, "flops_per_byte": round(c.flops / c.bytes, 1)}
+                            "flops": c.flops,
+                            "flops_per_cache_byte": round(c.flops_per_cache_byte, 1)}
     return {"model": DEEPSEEK_V3.name, "context": context, "per_layer": out}
 
 

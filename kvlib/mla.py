@@ -169,6 +169,12 @@ class DecodeCost:
     def bytes(self) -> int:
         return self.cache_bytes + self.weight_bytes
 
+    @property
+    def flops_per_cache_byte(self) -> float:
+        """FLOPs per byte of cache read: the weights are read once for a whole batch, the
+        cache once per sequence, so this is the intensity a large batch sees."""
+        return self.flops / self.cache_bytes
+
 
 def decode_cost(config: ModelConfig, context_len: int, computation: str,
                 itemsize: int = 2) -> DecodeCost:

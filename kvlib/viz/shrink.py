@@ -93,7 +93,8 @@ def plot_first_token_attention(ax: Axes, shares: torch.Tensor, context: int) -> 
 
 def plot_mla_costs(axes: Sequence[Axes], costs: Mapping[str, DecodeCost], context: int) -> None:
     """Two panels for one decode step of one layer: bytes read (cache rows and weights) and
-    FLOPs, per computation (expanded K and V, naive latent, absorbed latent)."""
+    FLOPs (annotated with FLOPs per byte of cache), per computation (expanded K and V,
+    naive latent, absorbed latent)."""
     names = list(costs)
     x = np.arange(len(names))
     cache = np.array([costs[n].cache_bytes for n in names]) / 2**20
@@ -110,5 +111,5 @@ def plot_mla_costs(axes: Sequence[Axes], costs: Mapping[str, DecodeCost], contex
         ax.set_xticks(x, names)
         ax.set_title(f"{title}, one layer at {context:,} tokens")
     for i, n in enumerate(names):
-        axes[1].annotate(f"{costs[n].flops / costs[n].bytes:,.0f} FLOP/B", (i, flops[i]),
+        axes[1].annotate(f"{costs[n].flops_per_cache_byte:,.0f} per\ncache byte", (i, flops[i]),
                          ha="center", va="bottom", fontsize=9.5)
