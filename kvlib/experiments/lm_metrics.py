@@ -1,5 +1,7 @@
-"""How well the book's model predicts held-out code: bits per byte beside compressors, copying
-from context, greedy completions.
+"""How well a language model predicts held-out code: bits per byte, copying, completions.
+
+Bits per byte beside gzip's and xz's on the same files; top-1 accuracy on tokens that copy
+from their context against the others; greedy completions.
 
 Bits per byte is the honest unit for comparing a language model with a compressor: a model
 that gives the next token probability p can code it in -log2 p bits (arithmetic coding gets

@@ -1,5 +1,7 @@
-"""Chapters' measurements on the book's trained model (`kvlib.book_model`): held-out text,
-the real queries, keys and values it caches, and what quantizing its cache costs it.
+"""Chapters' measurements on the book's trained model: its real keys, quantized decoding.
+
+Held-out text, the real queries, keys and values `kvlib.book_model` caches, and what
+quantizing its cache costs it.
 
 The held-out files are named in the model's training record and read from the running
 interpreter's standard library (`code_corpus`); a file this Python lacks is skipped, and one

@@ -1,0 +1,50 @@
+"""Drawings of the book model's training run: loss curves, bits per byte beside compressors.
+
+`kvlib.book_model.training_run()` holds the numbers. Each draws on a given Axes."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from matplotlib.axes import Axes
+
+from kvlib.viz.common import COLORS
+
+
+def plot_loss_curves(ax: Axes, record: Mapping[str, Any]) -> None:
+    """Training loss (mean over each logging window) and held-out loss, in nats per token,
+    against the step; a dotted line where the context grows."""
+    curve, val = record["training"]["curve"], record["training"]["val_curve"]
+    ax.plot(curve["step"], curve["train_loss"], color=COLORS["cached"], lw=1,
+            label="training batches")
+    ax.plot(val["step"], val["loss"], color=COLORS["uncached"], marker="o", ms=3,
+            label="held-out files")
+    step = 0
+    for phase in record["training"]["phases"][:-1]:
+        step += phase["steps"]
+        ax.axvline(step, color=COLORS["claim"], ls=":", lw=1)
+    seq_lens = " then ".join(f"{p['seq_len']:,}" for p in record["training"]["phases"])
+    ax.set_title(f"context {seq_lens} tokens (dotted: the switch)", fontsize=10)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats per token)")
+    ax.set_yscale("log")
+    ax.legend(fontsize=8, frameon=False)
+    ax.grid(True, which="both", alpha=0.3)
+
+
+def plot_bits_per_byte(ax: Axes, metrics: Mapping[str, Any]) -> None:
+    """Held-out bits per byte: the model beside gzip -9 and xz -9 on the same files, each
+    file compressed alone and all of them concatenated."""
+    bars = {"model": metrics["bits_per_byte"]}
+    for name, figures in metrics["compressors_bits_per_byte"].items():
+        bars[f"{name}\nper file"] = figures["per_file"]
+        bars[f"{name}\nconcatenated"] = figures["concatenated"]
+    colors = [COLORS["measured"]] + [COLORS["claim"]] * (len(bars) - 1)
+    ax.bar(range(len(bars)), list(bars.values()), color=colors)
+    for i, value in enumerate(bars.values()):
+        ax.text(i, value, f"{value:.2f}", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(range(len(bars)), list(bars), fontsize=8)
+    ax.set_ylabel("bits per byte (lower is better)")
+    ax.set_title(f"{metrics['heldout_files']} held-out files, {metrics['heldout_bytes']:,} bytes",
+                 fontsize=10)
