@@ -112,12 +112,12 @@ def triton(q: torch.Tensor, kv: KVView, batch: StepBatch) -> torch.Tensor:
 
     The kernel has no sliding window and takes blocks of a power of two up to 128 tokens:
     other views go to sdpa."""
-    from kvlib.kernels.paged_decode import paged_decode_attention, supports_block_size
+    from kvlib.kernels.paged_decode import paged_decode_triton, supports_block_size
 
     if (isinstance(kv, PagedKV) and supports_block_size(kv.block_size)
             and batch.uniform_len == 1 and kv.window is None):
-        return paged_decode_attention(q, kv.k_pool, kv.v_pool, kv.block_tables,
-                                      kv.context_lens)  # (B, H, D) = (N, H, D)
+        return paged_decode_triton(q, kv.k_pool, kv.v_pool, kv.block_tables,
+                                   kv.context_lens)  # (B, H, D) = (N, H, D)
     return sdpa(q, kv, batch)
 
 
@@ -131,11 +131,11 @@ def fast(q: torch.Tensor, kv: KVView, batch: StepBatch) -> torch.Tensor:
         return sdpa(q, kv, batch)
     if q.device.type == "cuda":
         return triton(q, kv, batch) if batch.uniform_len == 1 else sdpa(q, kv, batch)
-    from kvlib.kernels.paged_decode_cpu import paged_decode_attention
+    from kvlib.kernels.paged_decode_cpu import paged_decode_numba
 
     if batch.uniform_len == 1:
-        return paged_decode_attention(q, kv.k_pool, kv.v_pool, kv.block_tables,
-                                      kv.context_lens)  # (B, H, D) = (N, H, D)
+        return paged_decode_numba(q, kv.k_pool, kv.v_pool, kv.block_tables,
+                                  kv.context_lens)  # (B, H, D) = (N, H, D)
     one = batch.query_lens == 1  # (B,) rows feeding one token: a decode, whatever its past
     if not bool(one.any()):
         return sdpa(q, kv, batch)
@@ -143,8 +143,8 @@ def fast(q: torch.Tensor, kv: KVView, batch: StepBatch) -> torch.Tensor:
     out = torch.empty_like(q)  # (N, H, D)
     rows = one.nonzero()[:, 0]  # (Bd,)
     tok = cu[:-1][rows].to(q.device)  # (Bd,) packed index of each one-token row
-    out[tok] = paged_decode_attention(q[tok], kv.k_pool, kv.v_pool, kv.block_tables[rows],
-                                      kv.context_lens[rows])  # (Bd, H, D)
+    out[tok] = paged_decode_numba(q[tok], kv.k_pool, kv.v_pool, kv.block_tables[rows],
+                                  kv.context_lens[rows])  # (Bd, H, D)
     for b in (~one).nonzero()[:, 0].tolist():
         n = int(batch.context_lens[b])
         dense = PagedKV(kv.k_pool, kv.v_pool, kv.block_tables[b:b + 1],
