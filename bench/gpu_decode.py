@@ -150,19 +150,25 @@ def main() -> None:
     # -- 2. mixed steps: the prefill kernel against SDPA --
     prefill = []
     for spec in mixed:
-        row = time_mixed_row(spec, rounds=rounds, device=device, **shape)
+        row = guarded(time_mixed_row, spec, rounds=rounds, device=device, **shape)
         prefill.append(row)
+        if "error" in row:
+            print(f"mixed {spec}: failed: {row['error']}", flush=True)
+            continue
         print(f"mixed {row['chunks']} + {row['decodes']} decodes @ {row['decode_len']}: "
               f"prefill {row['prefill_ms']:.3f} ms ({row['prefill_TFLOPs']} TFLOP/s), two "
               f"launches {row['two_launch_ms']:.3f}, sdpa {row['sdpa_ms']:.3f} -> "
               f"{row['prefill_over_sdpa']:.2f}x sdpa  [{elapsed(start)}]", flush=True)
 
     # -- 3. a sliding window over the largest row: only the window's blocks are read --
-    window_row = time_window(max(rows, key=lambda r: r[0] * r[1]), window, device, shape)
-    print(f"window {window} + {SINKS} sinks over {window_row['B']} x {window_row['S']}: "
-          f"{window_row['paged_window_ms']:.3f} ms against {window_row['paged_ms']:.3f} "
-          f"without ({window_row['window_over_full']:.2f} of the time, "
-          f"{window_row['visible_fraction']:.2f} of the keys)  [{elapsed(start)}]", flush=True)
+    window_row = guarded(time_window, max(rows, key=lambda r: r[0] * r[1]), window, device,
+                         shape)
+    if "error" not in window_row:
+            print(f"window {window} + {SINKS} sinks over {window_row['B']} x {window_row['S']}: "
+              f"{window_row['paged_window_ms']:.3f} ms against {window_row['paged_ms']:.3f} "
+              f"without ({window_row['window_over_full']:.2f} of the time, "
+              f"{window_row['visible_fraction']:.2f} of the keys)  [{elapsed(start)}]",
+              flush=True)
 
     # -- 4. sweeps, largest rows first, within the budget --
     budget = {"budget_s": args.budget_s, "skipped": []}
@@ -171,12 +177,16 @@ def main() -> None:
             if time.monotonic() - start > args.budget_s:
                 budget["skipped"].append(f"{kernel} at {row['B']}x{row['S']}")
                 continue
-            sweep_row(row, kernel, launches, rounds, device, shape, small, copy)
-            print(f"  {row['B']}x{row['S']} {kernel}: best {row[f'{kernel}_best_config']} "
-                  f"{row[f'{kernel}_best_ms']:.4f} ms  [{elapsed(start)}]", flush=True)
+            failed = guarded(sweep_row, row, kernel, launches, rounds, device, shape, small,
+                             copy)
+            if failed:
+                row.setdefault("sweep", {})[kernel] = failed
+            print(f"  {row['B']}x{row['S']} {kernel}: best {row.get(f'{kernel}_best_config')} "
+                  f"{row.get(f'{kernel}_best_ms')} ms {failed or ''} [{elapsed(start)}]",
+                  flush=True)
     if prefill_sweep and time.monotonic() - start <= args.budget_s:
-        prefill[0]["sweep"] = sweep_prefill(mixed[0], prefill_sweep, device=device, **shape,
-                                            **small)
+        prefill[0]["sweep"] = guarded(sweep_prefill, mixed[0], prefill_sweep, device=device,
+                                      **shape, **small)
     elif prefill_sweep:
         budget["skipped"].append("prefill")
 
@@ -210,6 +220,15 @@ def main() -> None:
     print(json.dumps(result))
 
 
+def guarded(fn, *args, **kwargs) -> dict:
+    """fn's result ({} for None), or {"error": ...} if it raised: in an unattended run one
+    failing measurement must not cost the others."""
+    try:
+        return fn(*args, **kwargs) or {}
+    except Exception as exc:  # noqa: BLE001 - recorded in the JSON, see the docstring
+        return {"error": f"{type(exc).__name__}: {exc}"[:400]}
+
+
 def elapsed(start: float) -> str:
     return f"{time.monotonic() - start:.0f} s"
 
@@ -217,24 +236,33 @@ def elapsed(start: float) -> str:
 def add_ratios(row: dict, copy: float, paths: tuple[str, ...]) -> None:
     """TB/s of bf16 K and V, % of the copy, and throughput against sdpa and gather."""
     for name in paths:
+        if f"{name}_ms" not in row:  # it raised: `<name>_error` says why
+            continue
         ms = row[f"{name}_ms"]
         row[f"{name}_TBps"] = round(row["kv_GB"] / 1e3 / (ms * 1e-3), 3)
         row[f"{name}_pct_copy"] = round(100 * row[f"{name}_TBps"] / copy, 1)
         if name not in ("sdpa", "gather"):
             row[f"{name}_over_sdpa"] = round(row["sdpa_ms"] / ms, 3)
-    row["paged_over_gather"] = round(row["gather_ms"] / row["paged_ms"], 3)
+    if "paged_ms" in row:
+        row["paged_over_gather"] = round(row["gather_ms"] / row["paged_ms"], 3)
 
 
 def print_row(row: dict, paths: tuple[str, ...], when: str) -> None:
-    cells = ", ".join(f"{p} {row[f'{p}_ms']:.4f}" for p in paths)
+    cells = ", ".join(f"{p} {row[f'{p}_ms']:.4f}" if f"{p}_ms" in row else f"{p} failed"
+                      for p in paths)
     print(f"{row['B']:>4} x {row['S']:>6} ({row['kv_GB']:.3f} GB): {cells} ms | paged/sdpa "
-          f"{row['paged_over_sdpa']:.3f}, paged/gather {row['paged_over_gather']:.2f}, "
-          f"int8/sdpa {row['int8_over_sdpa']:.3f}, fastest quantized "
+          f"{row.get('paged_over_sdpa')}, paged/gather {row.get('paged_over_gather')}, "
+          f"int8/sdpa {row.get('int8_over_sdpa')}, fastest quantized "
           f"{fastest_quantized(row, paths)}  [{when}]", flush=True)
+    for p in paths:
+        if f"{p}_error" in row:
+            print(f"{'':>8}{p} failed: {row[f'{p}_error']}", flush=True)
 
 
 def fastest_quantized(row: dict, paths: tuple[str, ...]) -> str:
-    quant = [p for p in paths if p in QUANT_PATHS]
+    quant = [p for p in paths if p in QUANT_PATHS and f"{p}_ms" in row]
+    if not quant:
+        return "none ran"
     best = min(quant, key=lambda p: row[f"{p}_ms"])
     return f"{best} {row['sdpa_ms'] / row[f'{best}_ms']:.3f}x sdpa"
 
@@ -318,7 +346,8 @@ def suggested_defaults(rows: list[dict], sweep: dict) -> dict:
     (only configs timed on every one of them), with its mean ratio to the current default."""
     out = {}
     for kernel in sweep:
-        swept = [r["sweep"][kernel]["ms"] for r in rows if kernel in r.get("sweep", {})]
+        swept = [r["sweep"][kernel]["ms"] for r in rows
+                 if r.get("sweep", {}).get(kernel, {}).get("ms")]
         if not swept:
             continue
         common = set.intersection(*(set(ms) for ms in swept))

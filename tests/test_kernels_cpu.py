@@ -1,7 +1,9 @@
-"""The numba paged decode kernel: windows and sinks, torch's thread count, its compile cache."""
+"""The numba paged decode kernel: windows and sinks, torch's thread count, its compile cache;
+and what every kernel module may import."""
 
 from __future__ import annotations
 
+import ast
 import os
 import subprocess
 import sys
@@ -83,3 +85,21 @@ def test_compile_cache_lives_in_the_user_cache_dir_not_the_source_tree(tmp_path)
     assert folder == tmp_path / "kvlib" / "numba"
     assert cache_path.is_relative_to(folder)
     assert not cache_path.is_relative_to(Path(kvlib.kernels.__file__).parent)
+
+
+def test_kernels_import_no_cache_and_nothing_above_them():
+    """Kernels take plain tensors: from kvlib they import only attention, checks, config and
+    each other (never a cache, the contract, the model or the engine)."""
+    allowed = ("kvlib.attention", "kvlib.checks", "kvlib.config", "kvlib.kernels")
+    folder = Path(kvlib.kernels.__file__).parent
+    for path in sorted(folder.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            else:
+                continue
+            for name in names:
+                if name == "kvlib" or name.startswith("kvlib."):
+                    assert name.startswith(allowed), f"{path.name} imports {name}"

@@ -97,8 +97,8 @@ def test_paged_decode_equals_reference(block_size, window, sink_tokens, dtype):
 
 
 @runs_kernels
-@pytest.mark.parametrize(("heads", "kv_heads"), [(4, 1), (2, 2)])
-def test_decode_mqa_and_mha_with_sinks_past_the_window(heads, kv_heads):
+@pytest.mark.parametrize(("heads", "kv_heads"), [(4, 1), (2, 2), (6, 2)])
+def test_decode_mqa_mha_and_odd_groups_with_sinks_past_the_window(heads, kv_heads):
     q, k_pool, v_pool, tables, lens = decode_case(2, torch.float32, [40, 90], heads=heads,
                                                   kv_heads=kv_heads, window=9, sink_tokens=5)
     ref = paged_decode_ref(q, k_pool, v_pool, tables, lens, 9, 5)
@@ -189,6 +189,7 @@ PREFILL_CASES = {
                                    32),
     "mha-fp16-bs16-window": (torch.float16, 16, 2, 2, [50, 18], [1, 18], 7, 0, 16),
     "gqa-fp32-bs32-sinks-only-chunk": (torch.float32, 32, 4, 2, [64, 3], [21, 2], 10, 3, 64),
+    "groups-of-3-fp32": (torch.float32, 16, 6, 2, [19, 40], [19, 1], None, 0, 16),
 }
 
 

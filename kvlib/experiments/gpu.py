@@ -183,13 +183,19 @@ def _gather_sdpa(q4: torch.Tensor, case: DecodeCase) -> torch.Tensor:
 
 
 def max_errors(case: DecodeCase, paths: tuple[str, ...] = PATHS, rows: int = 2,
-               ) -> dict[str, float]:
-    """Largest |path - fp32 reference| over the first `rows` sequences, for each path."""
+               ) -> dict[str, float | str]:
+    """Largest |path - fp32 reference| over the first `rows` sequences, for each path; for a
+    path that raises (a kernel this GPU cannot compile), the error's text instead."""
     sl = slice(0, rows)
     ref = paged_decode_ref(case.q[sl].float(), case.k_pool.float(), case.v_pool.float(),
                            case.block_tables[sl], case.context_lens[sl])  # (rows, H, D)
-    return {name: float((fn()[sl].float() - ref).abs().max())
-            for name, fn in decode_paths(case, paths=paths).items()}
+    errors = {}
+    for name, fn in decode_paths(case, paths=paths).items():
+        try:
+            errors[name] = float((fn()[sl].float() - ref).abs().max())
+        except Exception as exc:  # noqa: BLE001 - an unattended run records it and goes on
+            errors[name] = f"{type(exc).__name__}: {exc}"[:300]
+    return errors
 
 
 def time_ms(fn, device: torch.device, rep_ms: int = 100) -> float:
@@ -230,7 +236,8 @@ def time_decode_row(B: int, S: int, *, paths: tuple[str, ...] = CHAPTER_PATHS,
     """One row of the benchmark: errors, median ms per path, and the data size.
 
     The paths are timed `rounds` times, interleaved, and each reports the median round and
-    the spread (`<path>_ms_spread`: fastest and slowest). `sdpa_ms_again` times SDPA once
+    the spread (`<path>_ms_spread`: fastest and slowest); a path that raises gets
+    `<path>_error` instead of times. `sdpa_ms_again` times SDPA once
     more at the end, to show the drift between two runs of one thing. With `graphs` (CUDA
     only), every path is also timed replayed from a CUDA graph (`<path>_graph_ms`).
     """
@@ -238,8 +245,13 @@ def time_decode_row(B: int, S: int, *, paths: tuple[str, ...] = CHAPTER_PATHS,
                              **shape)
     dev = torch.device(device)
     row = {"B": B, "S": S, "kv_GB": round(case.kv_bytes / 1e9, 4)}
-    row.update({f"{k}_max_err": round(v, 5) for k, v in max_errors(case, paths).items()})
     fns = decode_paths(case, paths=paths)
+    for name, err in max_errors(case, paths).items():
+        if isinstance(err, str):  # it raised: no time, the reason instead
+            row[f"{name}_error"] = err
+            del fns[name]
+        else:
+            row[f"{name}_max_err"] = round(err, 5)
     times = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():

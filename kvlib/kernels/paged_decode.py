@@ -198,11 +198,11 @@ def paged_decode_triton(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Ten
                 q, k_pool, v_pool, tables, context_lens, parts.m, parts.l, parts.acc,
                 parts.out, *q.stride(), *k_pool.stride(), *v_pool.stride(), *tables.stride(),
                 *parts.m.stride(), *parts.acc.stride(), *parts.out.stride(),
-                LOG2E / math.sqrt(D), split_len, window_or_all(window, capacity), sink_tokens,
+                LOG2E / math.sqrt(D), split_len, num_splits, window_or_all(window, capacity),
+                sink_tokens,
                 G=G, G_PAD=pow2_at_least(G, MIN_DOT), D=D, D_PAD=pow2_at_least(D, MIN_DOT),
                 BS=BS, TILE_N=tile_n, DOT_DTYPE=dot_dtype(q.dtype),
-                PRECISION=dot_precision(q.dtype), ONE_SPLIT=num_splits == 1,
-                num_warps=launch.num_warps, num_stages=launch.num_stages)
+                PRECISION=dot_precision(q.dtype),                 num_warps=launch.num_warps, num_stages=launch.num_stages)
             break
         except OutOfResources:
             # NOTE: a GPU with little shared memory per SM (a T4 has 64 KB) cannot stage
@@ -226,7 +226,7 @@ class Partials:
     def empty(q: torch.Tensor, num_splits: int) -> Partials:
         B, H, D = q.shape
         if num_splits == 1:  # the split kernel writes `out`; the partials are never touched
-            m = torch.empty(0, 0, 1, device=q.device, dtype=torch.float32)  # unused
+            m = torch.empty(1, 1, 1, device=q.device, dtype=torch.float32)  # (1, 1, NS=1)
             return Partials(m, m, m[..., None], torch.empty_like(q))
         m = torch.empty(B, H, num_splits, device=q.device, dtype=torch.float32)  # (B, H, NS)
         acc = torch.empty(B, H, num_splits, D, device=q.device,
@@ -247,7 +247,9 @@ class Partials:
 
 if triton is not None:
 
-    @triton.jit
+    # NOTE: the split count is a run-time value, not specialised on (Triton compiles an int
+    # argument equal to 1 as a constant): one compiled kernel serves one split and many.
+    @triton.jit(do_not_specialize=["num_splits"])
     def _split_kernel(
         q_ptr, k_pool_ptr, v_pool_ptr, tables_ptr, lens_ptr, m_ptr, l_ptr, acc_ptr, out_ptr,
         sq_b, sq_h, sq_d,  # q (B, H, D)
@@ -257,11 +259,10 @@ if triton is not None:
         sm_b, sm_h, sm_s,  # m_part, l_part (B, H, NS)
         sa_b, sa_h, sa_s, sa_d,  # acc_part (B, H, NS, D)
         so_b, so_h, so_d,  # out (B, H, D)
-        qk_scale, split_len, window, sink_tokens,
+        qk_scale, split_len, num_splits, window, sink_tokens,
         G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
         BS: tl.constexpr, TILE_N: tl.constexpr, DOT_DTYPE: tl.constexpr,
-        PRECISION: tl.constexpr, ONE_SPLIT: tl.constexpr,
-    ):
+        PRECISION: tl.constexpr,     ):
         b = tl.program_id(0)
         kv_head = tl.program_id(1)
         split = tl.program_id(2)
@@ -323,15 +324,15 @@ if triton is not None:
         # An empty split (start >= num_visible) writes m = -inf, l = 0: it weighs 0 in the merge.
         store_partial_state(m_i, l_i, acc, heads, g < G, d, D, b, split, m_ptr, l_ptr, acc_ptr,
                             out_ptr, sm_b, sm_h, sm_s, sa_b, sa_h, sa_s, sa_d, so_b, so_h,
-                            so_d, ONE_SPLIT)
+                            so_d, num_splits)
 
     @triton.jit
     def store_partial_state(m_i, l_i, acc, heads, g_mask, d, D: tl.constexpr, b, split,
                             m_ptr, l_ptr, acc_ptr, out_ptr, sm_b, sm_h, sm_s, sa_b, sa_h,
-                            sa_s, sa_d, so_b, so_h, so_d, ONE_SPLIT: tl.constexpr):
+                            sa_s, sa_d, so_b, so_h, so_d, num_splits):
         """Write a split's state; with one split, acc / l_i straight into out (no merge)."""
         mask = g_mask[:, None] & (d < D)[None, :]
-        if ONE_SPLIT:
+        if num_splits == 1:
             out = acc / l_i[:, None]
             tl.store(out_ptr + b * so_b + heads[:, None] * so_h + d[None, :] * so_d,
                      out.to(out_ptr.dtype.element_ty), mask=mask)

@@ -138,11 +138,11 @@ def paged_decode_quantized(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.
                 parts.acc, parts.out, *q.stride(), *k_pool.stride(), *v_pool.stride(),
                 *k_scale.stride(), *v_scale.stride(), *tables.stride(), *parts.m.stride(),
                 *parts.acc.stride(), *parts.out.stride(),
-                LOG2E / math.sqrt(D), split_len, window_or_all(window, capacity), sink_tokens,
+                LOG2E / math.sqrt(D), split_len, num_splits, window_or_all(window, capacity),
+                sink_tokens,
                 G=G, ROWS=rows, D=D, D_PAD=pow2_at_least(D, MIN_DOT), BS=BS, TILE_N=tile_n,
                 VARIANT=launch.variant, INT_CODES=int_codes, DOT_DTYPE=dot_dtype(q.dtype),
-                PRECISION=dot_precision(q.dtype), ONE_SPLIT=num_splits == 1,
-                num_warps=launch.num_warps, num_stages=launch.num_stages)
+                PRECISION=dot_precision(q.dtype),                 num_warps=launch.num_warps, num_stages=launch.num_stages)
             break
         except OutOfResources:  # as in paged_decode: a smaller tile fits a smaller GPU
             if tile_n <= max(MIN_DOT, BS):
@@ -170,7 +170,7 @@ if triton is not None:
             return (codes.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
         return codes.to(tl.float32)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["num_splits"])  # as paged_decode's _split_kernel
     def _quantized_split_kernel(
         q_ptr, k_pool_ptr, v_pool_ptr, k_scale_ptr, v_scale_ptr, tables_ptr, lens_ptr,
         m_ptr, l_ptr, acc_ptr, out_ptr,
@@ -182,12 +182,11 @@ if triton is not None:
         sm_b, sm_h, sm_s,  # m_part, l_part (B, H, NS)
         sa_b, sa_h, sa_s, sa_d,  # acc_part (B, H, NS, D)
         so_b, so_h, so_d,  # out (B, H, D)
-        qk_scale, split_len, window, sink_tokens,
+        qk_scale, split_len, num_splits, window, sink_tokens,
         G: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
         BS: tl.constexpr, TILE_N: tl.constexpr, VARIANT: tl.constexpr,
         INT_CODES: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-        ONE_SPLIT: tl.constexpr,
-    ):
+            ):
         b = tl.program_id(0)
         kv_head = tl.program_id(1)
         split = tl.program_id(2)
@@ -283,4 +282,4 @@ if triton is not None:
         # -- step 6: the finished output (one split), or this split's partial state --
         store_partial_state(m_i, l_i, acc, heads, g < G, d, D, b, split, m_ptr, l_ptr, acc_ptr,
                             out_ptr, sm_b, sm_h, sm_s, sa_b, sa_h, sa_s, sa_d, so_b, so_h,
-                            so_d, ONE_SPLIT)
+                            so_d, num_splits)
