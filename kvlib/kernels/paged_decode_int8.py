@@ -23,9 +23,10 @@ How the two products are computed is the launch option `variant` (`VARIANTS`):
             group's rows (no padding to 16, no shared-memory staging for tensor cores); int8
             codes widened to fp32 by integer arithmetic (2^23 + 128 + c, minus 2^23 + 128).
             Registers hold (rows, tile_n, D) products: use small tiles (16-32 tokens)
-    i8dot   (int8 only) scores on int8 tensor cores: q rounded to int8 per head (its own
-            scale), so keys are never widened; values as in dot16. Approximate: q's rounding
-            adds about as much score error as the keys' own
+    i8dot   (int8 only) scores on int8 tensor cores, so keys are never widened: q is
+            written in two int8 digits per head (hi + lo / 256, about 16 bits, finer than
+            bf16) and each tile takes two integer products, exact in int32; values as in
+            dot16
 
 Why several: chapter 7 traces the first kernel's shortfall to its work per byte (padded
 rows, conversions, staging through shared memory), which only a GPU run can weigh;
@@ -213,12 +214,17 @@ if triton is not None:
             q_dot = (q / e).to(tl.float16)
             q_mult = tl.full([ROWS], 1.0, tl.float32) * e
         elif VARIANT == "i8dot":
-            # q rounded to int8 per head: |q| / 127 steps, ties to even (as in store_kv)
+            # q in two int8 digits per head: x = q / q_s in [-127, 127] is hi + lo / 256 with
+            # hi = round(x) and lo = round(256 (x - hi)) (ties to even, as in store_kv), about
+            # 16 bits of q; the scores are 256 hi.k + lo.k, exact in int32 (|.| < 2^30)
             q_s = tl.max(tl.abs(q), 1) / 127.0  # (ROWS,)
             q_s = tl.where(q_s > 0, q_s, 1.0)
-            q_r = (q / q_s[:, None] + 12582912.0) - 12582912.0
-            q_dot = q_r.to(tl.int8)
-            q_mult = q_s
+            x = q / q_s[:, None]
+            hi = (x + 12582912.0) - 12582912.0
+            lo = ((x - hi) * 256.0 + 12582912.0) - 12582912.0
+            q_dot = hi.to(tl.int8)
+            q_lo = tl.clamp(lo, -127.0, 127.0).to(tl.int8)
+            q_mult = q_s / 256.0
         else:  # fma
             q_dot = q
             q_mult = tl.full([ROWS], 1.0, tl.float32)
@@ -253,7 +259,9 @@ if triton is not None:
             elif VARIANT == "dot16":
                 qk = tl.dot(q_dot, tl.trans(_widen16(k, INT_CODES)))
             elif VARIANT == "i8dot":
-                qk = tl.dot(q_dot, tl.trans(k), out_dtype=tl.int32).to(tl.float32)
+                k_t = tl.trans(k)
+                qk = (tl.dot(q_dot, k_t, out_dtype=tl.int32) * 256
+                      + tl.dot(q_lo, k_t, out_dtype=tl.int32)).to(tl.float32)
             else:  # fma: (ROWS, 1, D) x (1, TILE_N, D), summed over D
                 qk = tl.sum(q_dot[:, None, :] * _widen32(k, INT_CODES)[None, :, :], 2)
             qk = qk * q_mult[:, None] * k_s[None, :]  # (ROWS, TILE_N)
