@@ -191,6 +191,8 @@ PREFILL_CASES = {
     "mha-fp16-bs16-window": (torch.float16, 16, 2, 2, [50, 18], [1, 18], 7, 0, 16),
     "gqa-fp32-bs32-sinks-only-chunk": (torch.float32, 32, 4, 2, [64, 3], [21, 2], 10, 3, 64),
     "groups-of-3-fp32": (torch.float32, 16, 6, 2, [19, 40], [19, 1], None, 0, 16),
+    # a window wide against the tiles: whole tiles inside it skip the mask
+    "gqa-fp32-bs16-wide-window": (torch.float32, 16, 8, 2, [90, 7], [30, 1], 48, 2, 16),
 }
 
 

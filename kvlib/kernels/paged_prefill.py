@@ -14,7 +14,7 @@ every K and V tile it loads, the GQA packing of the decode kernel, and make one 
 product per tile. It walks the keys the chunk's queries see -- the sinks, then from the
 earliest query's window start to the latest query -- a tile at a time, masks per row, and
 keeps the online softmax of Triton's fused-attention tutorial per row. Blocks outside those
-keys are never read.
+keys are never read; tiles of keys every row of the program sees skip the mask.
 
 Which program serves what, with no host read of the lengths (the vLLM unified kernel's
 numbering): sequence b's query tiles are numbered from cu[b] // BLOCK_Q + b, which leaves
@@ -229,49 +229,65 @@ if triton is not None:
         # -- step 3: the keys some row sees: the sinks, then the first query's window on --
         sink_end, window_start, num_keys = visible_span(first, window, sink_tokens)
         num_keys += last - first  # the window runs on to the last query
-        for tile_start in range(0, num_keys, TILE_N):
-            i = tile_start + tl.arange(0, TILE_N)  # (TILE_N,) visible-key indices
-            valid = i < num_keys
-            t = key_position(i, sink_end, window_start)  # (TILE_N,) key positions
-            block = tl.load(tables_ptr + b * st_b + (t // BS) * st_m, mask=valid,
-                            other=0).to(tl.int64)
-            offset = t % BS
-            kv_mask = valid[:, None] & (d < D)[None, :]  # (TILE_N, D_PAD)
-            k = tl.load(k_pool_ptr + block[:, None] * sk_b + kv_head * sk_h
-                        + offset[:, None] * sk_t + d[None, :] * sk_d,
-                        mask=kv_mask, other=0.0)  # (TILE_N, D_PAD)
-            v = tl.load(v_pool_ptr + block[:, None] * sv_b + kv_head * sv_h
-                        + offset[:, None] * sv_t + d[None, :] * sv_d,
-                        mask=kv_mask, other=0.0)  # (TILE_N, D_PAD)
+        # Keys every row sees need no mask: visible-key indices [A, B), from the last row's
+        # window start (or 0, if it reaches as far back as the first row's) to the first
+        # query. Whole tiles inside it go unmasked; the tiles before and after are masked.
+        edge = last - window + 1 - window_start  # > 0: the last row's window starts later
+        A = tl.where(edge > 0, sink_end + edge, 0)
+        B = sink_end + first + 1 - window_start
+        a_tile = tl.minimum(tl.cdiv(A, TILE_N) * TILE_N, num_keys)
+        b_tile = tl.maximum(a_tile, (B // TILE_N) * TILE_N)
+        for phase in tl.static_range(3):  # masked, unmasked, masked
+            if phase == 0:
+                lo, hi = a_tile * 0, a_tile
+            elif phase == 1:
+                lo, hi = a_tile, b_tile
+            else:
+                lo, hi = b_tile, num_keys
+            for tile_start in range(lo, hi, TILE_N):
+                i = tile_start + tl.arange(0, TILE_N)  # (TILE_N,) visible-key indices
+                valid = i < hi
+                t = key_position(i, sink_end, window_start)  # (TILE_N,) key positions
+                block = tl.load(tables_ptr + b * st_b + (t // BS) * st_m, mask=valid,
+                                other=0).to(tl.int64)
+                offset = t % BS
+                kv_mask = valid[:, None] & (d < D)[None, :]  # (TILE_N, D_PAD)
+                k = tl.load(k_pool_ptr + block[:, None] * sk_b + kv_head * sk_h
+                            + offset[:, None] * sk_t + d[None, :] * sk_d,
+                            mask=kv_mask, other=0.0)  # (TILE_N, D_PAD)
+                v = tl.load(v_pool_ptr + block[:, None] * sv_b + kv_head * sv_h
+                            + offset[:, None] * sv_t + d[None, :] * sv_d,
+                            mask=kv_mask, other=0.0)  # (TILE_N, D_PAD)
 
-            # -- step 4: scores, masked per row: causal, window, sinks --
-            qk = tl.dot(q, tl.trans(k.to(DOT_DTYPE)),
-                        input_precision=PRECISION)  # (BLOCK_M, TILE_N)
-            if QUANTIZED:  # each token's column times its key scale
-                k_s = tl.load(k_scale_ptr + block * sks_b + kv_head * sks_h + offset * sks_t,
-                              mask=valid, other=0.0)  # (TILE_N,)
-                qk = qk * k_s[None, :]
-            p_row = position[:, None]  # (BLOCK_M, 1)
-            seen = valid[None, :] & (t[None, :] <= p_row) & (
-                (p_row - t[None, :] < window) | (t[None, :] < sink_tokens))
-            qk = tl.where(seen, qk, float("-inf"))  # (BLOCK_M, TILE_N)
+                # -- step 4: scores, masked per row (causal, window, sinks) at the edges --
+                qk = tl.dot(q, tl.trans(k.to(DOT_DTYPE)),
+                            input_precision=PRECISION)  # (BLOCK_M, TILE_N)
+                if QUANTIZED:  # each token's column times its key scale
+                    k_s = tl.load(k_scale_ptr + block * sks_b + kv_head * sks_h
+                                  + offset * sks_t, mask=valid, other=0.0)  # (TILE_N,)
+                    qk = qk * k_s[None, :]
+                if phase != 1:
+                    p_row = position[:, None]  # (BLOCK_M, 1)
+                    seen = valid[None, :] & (t[None, :] <= p_row) & (
+                        (p_row - t[None, :] < window) | (t[None, :] < sink_tokens))
+                    qk = tl.where(seen, qk, float("-inf"))  # (BLOCK_M, TILE_N)
 
-            # -- step 5: online softmax; a row that sees nothing yet keeps m = -inf, p = 0 --
-            m_new = tl.maximum(m_i, tl.max(qk, 1))  # (BLOCK_M,)
-            m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
-            alpha = tl.exp2(m_i - m_safe)  # (BLOCK_M,)
-            p = tl.exp2(qk - m_safe[:, None])  # (BLOCK_M, TILE_N)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None]
+                # -- step 5: online softmax; a row that sees nothing yet keeps m = -inf --
+                m_new = tl.maximum(m_i, tl.max(qk, 1))  # (BLOCK_M,)
+                m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
+                alpha = tl.exp2(m_i - m_safe)  # (BLOCK_M,)
+                p = tl.exp2(qk - m_safe[:, None])  # (BLOCK_M, TILE_N)
+                l_i = l_i * alpha + tl.sum(p, 1)
+                acc = acc * alpha[:, None]
 
-            # -- step 6: acc += p V (value scales folded into p) --
-            if QUANTIZED:
-                v_s = tl.load(v_scale_ptr + block * svs_b + kv_head * svs_h + offset * svs_t,
-                              mask=valid, other=0.0)  # (TILE_N,)
-                p = p * v_s[None, :]
-            acc += tl.dot(p.to(q_ptr.dtype.element_ty).to(DOT_DTYPE), v.to(DOT_DTYPE),
-                          input_precision=PRECISION)  # (BLOCK_M, D_PAD)
-            m_i = m_new
+                # -- step 6: acc += p V (value scales folded into p) --
+                if QUANTIZED:
+                    v_s = tl.load(v_scale_ptr + block * svs_b + kv_head * svs_h
+                                  + offset * svs_t, mask=valid, other=0.0)  # (TILE_N,)
+                    p = p * v_s[None, :]
+                acc += tl.dot(p.to(q_ptr.dtype.element_ty).to(DOT_DTYPE), v.to(DOT_DTYPE),
+                              input_precision=PRECISION)  # (BLOCK_M, D_PAD)
+                m_i = m_new
 
         # -- step 7: normalise and store the valid rows --
         l_i = tl.where(row_valid, l_i, 1.0)
