@@ -229,6 +229,24 @@ def test_paged_prefill_over_int8_codes():
 
 
 @runs_kernels
+def test_wide_groups_raise_the_rows_per_program_and_empty_steps_return_empty():
+    """32 query heads on one KV head need 32 rows a program (block_m 16 is raised); a step
+    of no sequences (or no tokens) launches nothing."""
+    gen = torch.Generator().manual_seed(5)
+    q, k_pool, v_pool, tables, lens, cu = paged_case(
+        gen, [20, 9], [5, 1], heads=32, kv_heads=1, dim=16, block_size=16,
+        dtype=torch.float32, device=DEVICE)
+    ref = paged_attention_ref(q, k_pool, v_pool, tables, lens, cu)
+    out = paged_prefill_triton(q, k_pool, v_pool, tables, lens, cu,
+                               launch=PrefillLaunch(block_m=16, tile_n=16))
+    torch.testing.assert_close(out, ref, **TOL[torch.float32])
+    none = paged_decode_triton(q[:0], k_pool, v_pool, tables[:0], lens[:0])
+    assert none.shape == (0, 32, 16)
+    cu0 = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    assert paged_prefill_triton(q[:0], k_pool, v_pool, tables[:0], lens[:0], cu0).shape[0] == 0
+
+
+@runs_kernels
 def test_prefill_of_decodes_equals_the_decode_kernel():
     q, k_pool, v_pool, tables, lens = decode_case(4, torch.float32, [3, 40, 21])
     cu = torch.arange(4, dtype=torch.int32, device=DEVICE)  # (B+1,): one query each

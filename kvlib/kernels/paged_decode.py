@@ -186,6 +186,8 @@ def paged_decode_triton(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Ten
     B, H, D = q.shape
     NB, Hkv, BS, _ = k_pool.shape
     capacity = block_tables.shape[1] * BS
+    if B == 0:
+        return torch.empty_like(q)
     num_splits, split_len = plan(launch, B * Hkv, max_visible(window, sink_tokens, capacity),
                                  q.device)
     parts = Partials.empty(q, num_splits)

@@ -126,6 +126,8 @@ def paged_decode_quantized(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.
     NB, Hkv, BS, _ = k_pool.shape
     G = H // Hkv
     capacity = block_tables.shape[1] * BS
+    if B == 0:
+        return torch.empty_like(q)
     num_splits, split_len = plan(launch, B * Hkv, max_visible(window, sink_tokens, capacity),
                                  q.device)
     parts = Partials.empty(q, num_splits)

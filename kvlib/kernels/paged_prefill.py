@@ -77,8 +77,8 @@ except ImportError:  # kvlib imports without triton; the function falls back to 
 class PrefillLaunch:
     """How the prefill kernel is launched; none of it changes the result beyond rounding.
 
-    block_m: rows per program (query tokens x the group's heads), a power of two >= 16 and
-        >= the group size padded to a power of two.
+    block_m: rows per program (query tokens x the group's heads), a power of two >= 16
+        (raised to the group size padded to a power of two).
     tile_n: keys per loop iteration, a power of two >= 16 (raised to the block size).
     num_warps, num_stages: Triton's launch options.
     """
@@ -136,12 +136,12 @@ def paged_prefill_triton(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Te
     NB, Hkv, BS, _ = k_pool.shape
     G = H // Hkv
     G_PAD = pow2_at_least(G)
-    tile_n = max(launch.tile_n, BS)
+    tile_n = max(launch.tile_n, BS)  # a tile never splits a block
+    block_m = max(launch.block_m, G_PAD)  # at least one query token's group per program
     if (not supports_block_size(BS) or tile_n & (tile_n - 1) or tile_n < MIN_DOT
-            or launch.block_m & (launch.block_m - 1) or launch.block_m < max(MIN_DOT, G_PAD)):
-        raise ValueError(f"block size {BS} must be a power of two <= 128, tile_n {tile_n} a "
-                         f"power of two >= {MIN_DOT}, block_m {launch.block_m} a power of two "
-                         f">= {max(MIN_DOT, G_PAD)}")
+            or block_m & (block_m - 1) or block_m < MIN_DOT):
+        raise ValueError(f"block size {BS} must be a power of two <= 128, tile_n {tile_n} and "
+                         f"block_m {block_m} powers of two >= {MIN_DOT}")
     if q.dtype not in FLOAT_DTYPES or (not quantized and (k_pool.dtype, v_pool.dtype)
                                        != (q.dtype, q.dtype)):
         raise ValueError(f"q must be bf16, fp16 or fp32 and float pools in its dtype, got "
@@ -150,8 +150,10 @@ def paged_prefill_triton(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Te
     check_same_device(q, k_pool, v_pool, *scales, block_tables, context_lens, cu_query_lens)
     require_triton_can_run()
     B = cu_query_lens.shape[0] - 1
-    block_q = launch.block_m // G_PAD
+    block_q = block_m // G_PAD
     out = torch.empty_like(q)  # (N, H, D)
+    if N == 0:
+        return out
     tables = block_tables.to(torch.int32)  # (B, M), a no-op when already int32
     scale_strides = (*k_scale.stride(), *v_scale.stride()) if quantized else (0,) * 6
     _prefill_kernel[(N // block_q + B, Hkv)](
