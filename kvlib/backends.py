@@ -12,7 +12,8 @@ registered by name in `BACKENDS`, so a chapter switches the model's attention in
     triton      the Triton kernels over paged views (a GPU, or the interpreter): split decode
                 for decode steps, the paged prefill kernel for mixed steps; dense: sdpa
     fast        the fastest exact path on this device: `triton` on a GPU; on the CPU paged
-                decode rows read their blocks in place (numba), chunks and dense views: sdpa
+                decode rows read their blocks in place (numba), chunks, dense views and pools
+                of codes: sdpa (after dequantizing)
     chunked     `flash.chunked`: online softmax over tiles of keys (prefill) and split-KV
                 decoding, in plain torch; dense or paged views, read in place
 
@@ -92,7 +93,7 @@ def _per_sequence(q: torch.Tensor, dense: DenseKV, batch: StepBatch,
 
 def reference(q: torch.Tensor, kv: KVView, batch: StepBatch) -> torch.Tensor:
     """Gather (if paged), then the plain masked-softmax attention of `kvlib.attention`."""
-    return _per_sequence(q, kv.dense(), batch, partial(attention, window=kv.window,
+    return _per_sequence(q, kv.dense(q.dtype), batch, partial(attention, window=kv.window,
                                                        sink_tokens=kv.sink_tokens))
 
 
@@ -107,7 +108,7 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_positions: torch.
 
 def sdpa(q: torch.Tensor, kv: KVView, batch: StepBatch) -> torch.Tensor:
     """torch's fused attention on dense tensors (a paged view is gathered first)."""
-    return _per_sequence(q, kv.dense(), batch, partial(_sdpa, window=kv.window,
+    return _per_sequence(q, kv.dense(q.dtype), batch, partial(_sdpa, window=kv.window,
                                                        sink_tokens=kv.sink_tokens))
 
 
@@ -119,16 +120,21 @@ def triton(q: torch.Tensor, kv: KVView, batch: StepBatch) -> torch.Tensor:
     two up to 128 tokens, go to sdpa. On a GPU, or anywhere under TRITON_INTERPRET=1."""
     from kvlib.kernels.common import supports_block_size
     from kvlib.kernels.paged_decode import paged_decode_triton
+    from kvlib.kernels.paged_decode_int8 import paged_decode_quantized
     from kvlib.kernels.paged_prefill import paged_prefill_triton
 
     if not (isinstance(kv, PagedKV) and supports_block_size(kv.block_size)):
         return sdpa(q, kv, batch)
-    if batch.uniform_len == 1:
+    which = {"window": kv.window, "sink_tokens": kv.sink_tokens}
+    if batch.uniform_len == 1 and kv.k_scale is None:
         return paged_decode_triton(q, kv.k_pool, kv.v_pool, kv.block_tables, kv.context_lens,
-                                   window=kv.window, sink_tokens=kv.sink_tokens)  # (N, H, D)
+                                   **which)  # (N, H, D)
+    if batch.uniform_len == 1:  # codes and scales, dequantized inside the kernel
+        return paged_decode_quantized(q, kv.k_pool, kv.v_pool, kv.k_scale, kv.v_scale,
+                                      kv.block_tables, kv.context_lens, **which)  # (N, H, D)
     return paged_prefill_triton(q, kv.k_pool, kv.v_pool, kv.block_tables, kv.context_lens,
-                                batch.cu_query_lens, window=kv.window,
-                                sink_tokens=kv.sink_tokens)  # (N, H, D)
+                                batch.cu_query_lens, k_scale=kv.k_scale, v_scale=kv.v_scale,
+                                **which)  # (N, H, D)
 
 
 def fast(q: torch.Tensor, kv: KVView, batch: StepBatch) -> torch.Tensor:
@@ -139,10 +145,10 @@ def fast(q: torch.Tensor, kv: KVView, batch: StepBatch) -> torch.Tensor:
     On the CPU a mixed batch (an engine step: decodes beside prompt chunks) sends all its
     one-token rows to the paged decode kernel in one call, and only the chunks to sdpa.
     """
-    if not isinstance(kv, PagedKV):
-        return sdpa(q, kv, batch)
     if q.device.type == "cuda":
         return triton(q, kv, batch)
+    if not isinstance(kv, PagedKV) or kv.k_scale is not None:  # numba reads floats only
+        return sdpa(q, kv, batch)
     from kvlib.kernels.paged_decode_cpu import paged_decode_numba
 
     which = {"window": kv.window, "sink_tokens": kv.sink_tokens}

@@ -17,6 +17,9 @@ from enum import Enum
 
 import torch
 
+# kv_cache_dtype -> the dtype of the codes a paged cache stores (None: the values themselves)
+KV_CODE_DTYPES = {"auto": None, "int8": torch.int8, "fp8_e4m3": torch.float8_e4m3fn}
+
 
 class Layout(str, Enum):
     """How a flat cache orders its dimensions.
@@ -181,6 +184,9 @@ class CacheConfig:
     block_size: int = 16
     layer_windows: tuple[int | None, ...] = ()  # a window W per layer, or None; (): none at all
     sink_tokens: int = 0  # first positions windowed layers always read
+    # How a paged cache stores keys and values: "auto" in `dtype`; "int8" or "fp8_e4m3" as one
+    # code per number and a float32 scale per (token, KV head), what the fused kernels read.
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "num_kv_heads", "head_dim", "max_batch_size",
@@ -201,6 +207,9 @@ class CacheConfig:
                  f"CacheConfig.sink_tokens must be an int >= 0, got {self.sink_tokens!r}")
         _require(self.sink_tokens == 0 or bool(windows),
                  f"CacheConfig.sink_tokens {self.sink_tokens} given without layer_windows")
+        _require(self.kv_cache_dtype in KV_CODE_DTYPES,
+                 f"CacheConfig.kv_cache_dtype must be one of {sorted(KV_CODE_DTYPES)}, got "
+                 f"{self.kv_cache_dtype!r}")
         _require(isinstance(self.dtype, torch.dtype) and self.dtype.is_floating_point,
                  f"CacheConfig.dtype must be a floating torch.dtype, got {self.dtype!r}")
         try:
@@ -223,6 +232,11 @@ class CacheConfig:
                    head_dim=model.head_dim, max_batch_size=max_batch_size,
                    max_seq_len=max_seq_len, **kwargs)
 
+    @property
+    def code_dtype(self) -> torch.dtype | None:
+        """The dtype of the stored codes (int8, float8_e4m3fn), or None: values in `dtype`."""
+        return KV_CODE_DTYPES[self.kv_cache_dtype]
+
     def window(self, layer: int) -> int | None:
         """The window W of layer `layer`, or None when it reads every earlier key."""
         return self.layer_windows[layer] if self.layer_windows else None
@@ -238,6 +252,9 @@ class CacheConfig:
 
     @property
     def bytes_per_token(self) -> int:
-        """Bytes one token occupies across all layers: K and V, every KV head."""
+        """Bytes one token occupies across all layers: K and V, every KV head (with codes, one
+        byte a number plus a 4-byte scale per head)."""
+        if self.code_dtype is not None:
+            return 2 * self.num_layers * self.num_kv_heads * (self.head_dim + 4)
         itemsize = torch.empty((), dtype=self.dtype).element_size()
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * itemsize

@@ -133,7 +133,7 @@ class DenseKV:
     # buffer's oldest kept key); None: key j is position j. context_lens stay positions.
     key_start: torch.Tensor | None = None
 
-    def dense(self) -> DenseKV:
+    def dense(self, dtype: torch.dtype | None = None) -> DenseKV:
         return self
 
 
@@ -145,6 +145,9 @@ class PagedKV:
     A sequence of 45 tokens in blocks of 16: two full blocks and 13 tokens in the third.
     Entries past a row's last block are -1; a windowed layer's blocks that left its window
     are the pool's null block (zeros, never written), which no query can see.
+
+    A pool of codes (int8 or float8_e4m3fn, `CacheConfig.kv_cache_dtype`) comes with a float32
+    scale per (block, head, token): the value is scale * code.
     """
 
     k_pool: torch.Tensor  # (NB, Hkv, BS, D): each block of one head is a contiguous tile
@@ -153,20 +156,27 @@ class PagedKV:
     context_lens: torch.Tensor  # (B,) int32 on the pool's device: valid keys per row
     window: int | None = None  # sliding window W of the layer (see DenseKV)
     sink_tokens: int = 0  # first positions always visible (see DenseKV)
+    k_scale: torch.Tensor | None = None  # (NB, Hkv, BS) float32 when the pools hold codes
+    v_scale: torch.Tensor | None = None
 
     @property
     def block_size(self) -> int:
         return self.k_pool.shape[2]
 
-    def dense(self) -> DenseKV:
+    def dense(self, dtype: torch.dtype | None = None) -> DenseKV:
         """Gather every row's blocks into contiguous (B, Hkv, M * BS, D) tensors: the
-        reference path, and the copy that reading in place avoids. Keys past a row's
-        `context_lens` are whatever the gathered blocks hold; attention masks them."""
+        reference path, and the copy that reading in place avoids (codes are dequantized to
+        `dtype`, float32 by default). Keys past a row's `context_lens` are whatever the
+        gathered blocks hold; attention masks them."""
         B, M = self.block_tables.shape
         NB, Hkv, BS, D = self.k_pool.shape
         tables = self.block_tables.long().clamp(min=0)  # (B, M): padding reads block 0, masked
         k = self.k_pool[tables]  # (B, M, Hkv, BS, D)
         v = self.v_pool[tables]
+        if self.k_scale is not None:  # scale * code, row by row
+            out = dtype or torch.float32
+            k = (k.float() * self.k_scale[tables][..., None]).to(out)  # (B, M, Hkv, BS, D)
+            v = (v.float() * self.v_scale[tables][..., None]).to(out)
         k = k.permute(0, 2, 1, 3, 4).reshape(B, Hkv, M * BS, D)  # (B, Hkv, S, D)
         v = v.permute(0, 2, 1, 3, 4).reshape(B, Hkv, M * BS, D)
         return DenseKV(k, v, self.context_lens.long(), self.window, self.sink_tokens)

@@ -337,6 +337,8 @@ def make_backend(q_tile: int = Q_TILE, kv_tile: int = KV_TILE, kv_chunk: int = K
 
     def backend(q: torch.Tensor, kv: KVView, batch: StepBatch) -> torch.Tensor:
         N, H, D = q.shape
+        if isinstance(kv, PagedKV) and kv.k_scale is not None:
+            kv = kv.dense(q.dtype)  # codes: dequantized once, then the dense tiles
         T = batch.uniform_len
         if T is not None:
             B = batch.num_seqs

@@ -333,6 +333,31 @@ def test_model_on_the_triton_backend_matches_reference():
                                atol=1e-4, rtol=1e-4)
 
 
+@runs_kernels
+def test_engine_on_the_triton_backend_equals_generating_alone():
+    """Mixed steps (prompt chunks beside decodes) through the paged prefill kernel, decode
+    steps through the split decode kernel, on a model with windowed and global layers and
+    sink tokens (two cache groups), preempting: every output equals the request alone."""
+    from kvlib.engine import BatchedInferenceEngine
+
+    cfg = ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                      max_seq_len=64, sliding_window=6, sliding_layers=(0,), sink_tokens=2)
+    model = demo_model(cfg, seed=1).to(DEVICE)
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 64, (n,), generator=gen).tolist() for n in (9, 3, 14, 5)]
+    model.attention = "reference"
+    alone = [model.generate(torch.tensor([p], device=DEVICE), 8).tokens[0].tolist()
+             for p in prompts]
+    model.attention = "triton"
+    engine = BatchedInferenceEngine(model, num_blocks=10, block_size=4,
+                                    max_num_batched_tokens=8)
+    out = engine.generate(prompts, max_new_tokens=8, show_progress=False)
+    assert [o.token_ids for o in out.outputs] == alone
+    assert any(s.num_prefill_tokens and s.num_decode_tokens for s in out.metrics.steps)
+    assert out.metrics.num_preemptions > 0
+    engine.cache.check_invariants()
+
+
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 

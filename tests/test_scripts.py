@@ -58,6 +58,22 @@ def test_engine_bench_ends_with_json_throughputs():
     assert last["device"].startswith("cpu")
 
 
+def test_gpu_engine_bench_runs_on_the_cpu_with_a_tiny_model():
+    pytest.importorskip("transformers")
+    out = _run("bench/gpu_engine.py", "--quick")
+    last = json.loads(out.strip().splitlines()[-1])
+    for name in ("engine", "static", "transformers", "transformers_cb"):
+        assert last[f"{name}_tok_s"] > 0
+    assert set(last["step_over_floor"]) == {"1", "4"}
+    for b in ("1", "4"):
+        ratio = last["step_ms"][b] / last["floor_ms"][b]
+        assert abs(ratio - last["step_over_floor"][b]) <= 0.01 * ratio + 0.01
+    # fp32 on the CPU: every schedule's greedy outputs equal the engine's
+    assert all(n == last["requests"] for n in last["greedy_equal_to_engine"].values())
+    assert last["syncs_per_decode_step"] is None  # counted on a GPU only
+    assert last["device"].startswith("cpu")
+
+
 def test_paged_decode_bench_ends_with_json_ratios():
     out = _run("bench/paged_decode.py", "--quick")
     last = json.loads(out.strip().splitlines()[-1])

@@ -77,6 +77,9 @@ class QuantizedKVCache:
                  inner: Callable[[CacheConfig], KVCache] = FlatKVCache) -> None:
         if not isinstance(quant, KVQuantConfig):
             raise ValueError(f"quant must be a KVQuantConfig, got {type(quant).__name__}")
+        if config.kv_cache_dtype != "auto":
+            raise ValueError(f"config.kv_cache_dtype is {config.kv_cache_dtype!r}: a paged cache "
+                             f"of codes already; a QuantizedKVCache takes a config of values")
         if quant.window > config.max_seq_len:
             raise ValueError(f"window {quant.window} is larger than the cache "
                              f"(max_seq_len {config.max_seq_len})")
