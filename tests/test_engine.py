@@ -18,6 +18,8 @@ from kvlib.sampling import SamplingParams
 from kvlib.scheduler import Request, Status
 from kvlib.static_batching import static_generate
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread is faster
+
 V = 61
 
 

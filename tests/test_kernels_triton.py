@@ -358,6 +358,34 @@ def test_engine_on_the_triton_backend_equals_generating_alone():
     engine.cache.check_invariants()
 
 
+@runs_kernels
+def test_engine_over_int8_codes_reads_them_in_the_kernels():
+    """kv_cache_dtype="int8": the store kernel quantizes as it writes, the quantized decode
+    and prefill kernels read codes and scales in place; the outputs equal generating alone
+    through the same cache of codes (the reference backend dequantizes the gathered rows)."""
+    from kvlib.engine import BatchedInferenceEngine
+
+    cfg = ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                      max_seq_len=64)
+    model = demo_model(cfg, seed=2).to(DEVICE)
+    gen = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, 64, (n,), generator=gen).tolist() for n in (7, 12, 3)]
+    model.attention = "reference"
+    alone = []
+    for p in prompts:
+        cache = PagedKVCache(model.cache_config(1, 64, block_size=4, kv_cache_dtype="int8"),
+                             num_blocks=8)
+        alone.append(model.generate(torch.tensor([p], device=DEVICE), 6,
+                                    cache=cache).tokens[0].tolist())
+    model.attention = "triton"
+    engine = BatchedInferenceEngine(model, num_blocks=24, block_size=4,
+                                    max_num_batched_tokens=8, kv_cache_dtype="int8")
+    out = engine.generate(prompts, max_new_tokens=6, show_progress=False)
+    assert [o.token_ids for o in out.outputs] == alone
+    (pool,) = engine.cache.storage.pools
+    assert pool.dtype == torch.int8 and engine.cache.storage.scales[0].dtype == torch.float32
+
+
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
