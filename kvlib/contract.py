@@ -69,6 +69,7 @@ class StepBatch:
     context_lens: tuple[int, ...]  # (B,) host: keys per sequence once this step is stored
     positions: torch.Tensor  # (N,) int64 on the device: absolute position of each new token
     slot_mapping: torch.Tensor  # (G, N) int64 on the device: where each token goes, per group
+    # (< 0: not at a slot of this cache; a quantized cache keeps new tokens in its residual)
     cu_query_lens: torch.Tensor  # (B+1,) int32 on the device: sequence b is rows cu[b]..cu[b+1]-1
     step: int  # the cache's number for this step: writes and commits are checked against it
 
@@ -307,6 +308,10 @@ class StepLedger:
 
     def wrote(self, layer: int) -> None:
         self._written.add(layer)
+
+    def has_written(self, layer: int) -> bool:
+        """Whether `layer` has written the open step."""
+        return layer in self._written
 
     def close(self, batch: StepBatch, *, complete: bool) -> None:
         """End the open step; with `complete`, first check that every layer wrote it."""

@@ -32,9 +32,9 @@ V = 61
 # Per-token scales, no full-precision window: what a query reads of a key does not depend on
 # how the steps were cut, so the engine and a request alone read the same numbers.
 _INT4_G8 = QuantScheme("int4", "token", group_size=8, symmetric=False)
-INT8 = KVQuantConfig(QuantScheme("int8", "token"), QuantScheme("int8", "token"), window=0,
+INT8 = KVQuantConfig(QuantScheme("int8", "token"), QuantScheme("int8", "token"), residual=0,
                      name="int8 per token")
-INT4 = KVQuantConfig(_INT4_G8, _INT4_G8, window=0, name="int4 per token, groups of 8")
+INT4 = KVQuantConfig(_INT4_G8, _INT4_G8, residual=0, name="int4 per token, groups of 8")
 
 
 @dataclass(frozen=True)

@@ -128,7 +128,7 @@ def _decode_step_over(quant: KVQuantConfig | None, k: torch.Tensor, v: torch.Ten
     has written the last: (cache, batch). `quant=None`: a flat cache."""
     Hkv, S, D = k.shape
     config = CacheConfig(num_layers=1, num_kv_heads=Hkv, head_dim=D, max_batch_size=1,
-                         max_seq_len=max(S, getattr(quant, "window", 0)))
+                         max_seq_len=max(S, 0 if quant is None else quant.residual))
     cache = FlatKVCache(config) if quant is None else QuantizedKVCache(config, quant)
     if S > 1:
         append(cache, [0], k[None, None, :, :-1], v[None, None, :, :-1])  # (L, B, Hkv, S-1, D)
@@ -141,7 +141,7 @@ def _decode_step_over(quant: KVQuantConfig | None, k: torch.Tensor, v: torch.Ten
 def cache_attention_error(quant: KVQuantConfig, k: torch.Tensor, v: torch.Tensor,
                           q: torch.Tensor) -> float:
     """Relative error of a decode step's attention output read through a quantized cache
-    (window and all) against exact K and V. k, v (Hkv, S, D); q (H, D), H a multiple of Hkv."""
+    (residual and all) against exact K and V. k, v (Hkv, S, D); q (H, D), H a multiple of Hkv."""
     outs = []
     for which in (None, quant):
         cache, batch = _decode_step_over(which, k, v)

@@ -12,9 +12,9 @@ from matplotlib.axes import Axes
 
 from kvlib.cache.quant_memory import Memory
 
-PARTS = ("payload", "scales", "zeros", "padding", "window")
+PARTS = ("payload", "scales", "zeros", "padding", "residual")
 PART_COLORS = {"payload": "#1f77b4", "scales": "#ff7f0e", "zeros": "#2ca02c",
-               "padding": "#bbbbbb", "window": "#d62728"}
+               "padding": "#bbbbbb", "residual": "#d62728"}
 
 
 def draw_magnitudes(ax: Axes, x: torch.Tensor, title: str) -> None:
@@ -83,7 +83,7 @@ def draw_memory_vs_error(ax: Axes, points: Mapping[str, tuple[float, float]],
         ax.scatter(mem, err, s=30)
         ax.annotate(name, (mem, err), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.axvline(fp16_per_token, color="#333333", ls="--", lw=1)
-    ax.set_xlabel("bytes per token (codes, scales, zero points, window)")
+    ax.set_xlabel("bytes per token (codes, scales, zero points, residual)")
     ax.set_ylabel(ylabel)
     ax.set_yscale("log")
     ax.set_xlim(0, fp16_per_token * 1.1)

@@ -50,15 +50,15 @@ def granularity_widget(num_tokens: int = 256, head_dim: int = 128) -> W.VBox:
 
 
 def memory_widget(model: str = "llama-3-8b", context: int = 2048) -> W.VBox:
-    """Format x group size x full-precision window (18 states): bytes per token by part, and
+    """Format x group size x full-precision residual (18 states): bytes per token by part, and
     the ratio against fp16 as the context grows."""
     cfg = MODELS[model]
     shape = (cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)
     contexts = 2 ** np.arange(7, 16)  # 128 .. 32,768 tokens
 
-    def render(format: str, group: int, window: int) -> plt.Figure:
+    def render(format: str, group: int, residual: int) -> plt.Figure:
         scheme = QuantScheme(format, "token", None if group >= cfg.head_dim else group)
-        quant = KVQuantConfig(scheme, scheme, window)
+        quant = KVQuantConfig(scheme, scheme, residual)
         m = memory(quant, *shape, context)
         fig, (a, b) = plt.subplots(1, 2, figsize=(8, 2.4), width_ratios=[3, 2])
         qviz.draw_bytes(a, {scheme.name: m}, m.fp16 / context)
@@ -72,5 +72,5 @@ def memory_widget(model: str = "llama-3-8b", context: int = 2048) -> W.VBox:
         b.set_ylabel("x smaller than fp16")
         return fig
 
-    return live(render, format=["int8", "int4"], group=[32, 64, 128], window=[0, 128, 512],
-                kinds={"format": "toggle"}, defaults={"window": 128})
+    return live(render, format=["int8", "int4"], group=[32, 64, 128], residual=[0, 128, 512],
+                kinds={"format": "toggle"}, defaults={"residual": 128})
