@@ -23,6 +23,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from kvlib.checks import require_int
 from kvlib.config import ModelConfig
 
 # Public shapes from each model's config.json. Read them; never modify the mapping.
@@ -47,12 +48,13 @@ PRESETS: dict[str, ModelConfig] = {
         head_dim=128, ffn_dim=28672, rope_theta=500_000.0, norm_eps=1e-5, max_seq_len=8192,
         name="llama-3-70b"),
     # Mistral-7B v0.2: rope_theta 1e6 and no sliding window, so a full cache is what it
-    # keeps. v0.1 has the same shapes but rope_theta 1e4 and a 4,096-token sliding window,
-    # which caps its cache at 4,096 tokens; ModelConfig has no window field to say that.
-    "mistral-7b": ModelConfig(
+    # keeps. v0.1 has the same shapes but a 4,096-token sliding window on every layer, which
+    # caps its cache at 4,096 tokens: the formulas here ignore windows, so v0.1 lives with
+    # the windowed models in `kvlib.real_models.REAL_MODELS`, not here.
+    "mistral-7b-v0.2": ModelConfig(
         vocab_size=32000, d_model=4096, num_layers=32, num_heads=32, num_kv_heads=8,
         head_dim=128, ffn_dim=14336, rope_theta=1_000_000.0, norm_eps=1e-5,
-        max_seq_len=32768, name="mistral-7b"),
+        max_seq_len=32768, name="mistral-7b-v0.2"),
 }
 
 _BYTES_BY_NAME = {"fp32": 4, "fp16": 2, "bf16": 2, "fp8": 1, "int8": 1}
@@ -70,11 +72,6 @@ def dtype_bytes(dtype: torch.dtype | str) -> int:
         return _BYTES_BY_NAME[dtype]
     raise ValueError(
         f"dtype must be a torch.dtype or one of {sorted(_BYTES_BY_NAME)}, got {dtype!r}")
-
-
-def _check_count(name: str, value: object, minimum: int) -> None:
-    if not (isinstance(value, int) and not isinstance(value, bool) and value >= minimum):
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,8 +96,8 @@ def kv_cache_bytes(cfg: ModelConfig, seq_len: int, batch_size: int = 1,
     >>> kv_cache_bytes(PRESETS["llama-3-70b"], 8192, batch_size=32) / 2**30
     80.0
     """
-    _check_count("seq_len", seq_len, 0)
-    _check_count("batch_size", batch_size, 1)
+    require_int("seq_len", seq_len, minimum=0)
+    require_int("batch_size", batch_size, minimum=1)
     return batch_size * seq_len * kv_bytes_per_token(cfg, dtype)
 
 
@@ -146,7 +143,7 @@ def step_weight_bytes(cfg: ModelConfig, num_tokens: int = 1,
     >>> step_weight_bytes(PRESETS["gpt2"]) == weight_bytes(PRESETS["gpt2"])  # tied
     True
     """
-    _check_count("num_tokens", num_tokens, 1)
+    require_int("num_tokens", num_tokens, minimum=1)
     if cfg.tie_embeddings:
         return weight_bytes(cfg, dtype)
     table = cfg.vocab_size * cfg.d_model
@@ -239,7 +236,7 @@ def decode_step_cost(cfg: ModelConfig, context_len: int, *, cached: bool,
     >>> decode_step_cost(tiny, 3, cached=False).total_flops  # 4*96 + 16*(1+2+3+4) + 4*192 + 80
     1392
     """
-    _check_count("context_len", context_len, 0)
+    require_int("context_len", context_len, minimum=0)
     if not cached:
         weights = step_weight_bytes(cfg, context_len + 1, dtype)
         return _causal_pass(cfg, context_len + 1, bytes_moved=weights)
@@ -258,7 +255,7 @@ def prefill_cost(cfg: ModelConfig, prompt_len: int, *,
 
     Same FLOPs as an uncached step at context prompt_len - 1; bytes add the cache writes.
     """
-    _check_count("prompt_len", prompt_len, 1)
+    require_int("prompt_len", prompt_len, minimum=1)
     written = prompt_len * kv_bytes_per_token(cfg, dtype)
     return _causal_pass(cfg, prompt_len, step_weight_bytes(cfg, prompt_len, dtype) + written)
 
@@ -280,8 +277,8 @@ def generation_cost(cfg: ModelConfig, prompt_len: int, new_tokens: int, *, cache
     >>> [generation_cost(tiny, 4, 2, cached=c).total_flops for c in (True, False)]
     [1840, 3152]
     """
-    _check_count("prompt_len", prompt_len, 1)
-    _check_count("new_tokens", new_tokens, 1)
+    require_int("prompt_len", prompt_len, minimum=1)
+    require_int("new_tokens", new_tokens, minimum=1)
     contexts = range(prompt_len - 1, prompt_len - 1 + new_tokens)
     if not cached:
         steps = [decode_step_cost(cfg, s, cached=False, dtype=dtype) for s in contexts]
@@ -311,7 +308,7 @@ def naive_attention_count(seq_len: int) -> int:
     >>> naive_attention_count(4096)
     16777216
     """
-    _check_count("seq_len", seq_len, 0)
+    require_int("seq_len", seq_len, minimum=0)
     return seq_len * seq_len
 
 
@@ -351,12 +348,14 @@ class Hardware:
 
 
 # Vendor datasheet figures: dense bf16 tensor FLOP/s (no sparsity) and memory bandwidth.
-# Real kernels reach a fraction of them. All three hold Llama-3-8B in bf16 (15 GiB of
-# weights) with room for a cache: the L4 has 24 GB, the others 80 GB.
+# Real kernels reach a fraction of them. All four hold Llama-3-8B in bf16 (15 GiB of
+# weights) with room for a cache: the L4 has 24 GB, the A100 and H100 80 GB, the H200 141 GB
+# (the H100's compute with faster, larger HBM3e).
 GPUS: dict[str, Hardware] = {
     "L4": Hardware("NVIDIA L4", 121e12, 300e9),
     "A100-80GB": Hardware("NVIDIA A100 80GB SXM", 312e12, 2.039e12),
     "H100-SXM": Hardware("NVIDIA H100 SXM", 989e12, 3.35e12),
+    "H200": Hardware("NVIDIA H200 SXM", 989e12, 4.8e12),
 }
 
 
@@ -420,8 +419,8 @@ def decode_step_operations(cfg: ModelConfig, context_len: int, batch_size: int =
     >>> attention.arithmetic_intensity  # H / Hkv = 2
     2.0
     """
-    _check_count("context_len", context_len, 0)
-    _check_count("batch_size", batch_size, 1)
+    require_int("context_len", context_len, minimum=0)
+    require_int("batch_size", batch_size, minimum=1)
     one = decode_step_cost(cfg, context_len, cached=True, dtype=dtype)
     matmul_flops = one.projection_flops + one.mlp_flops + one.lm_head_flops
     cache_bytes = (context_len + 1) * kv_bytes_per_token(cfg, dtype)  # read S, write 1

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kvlib.analysis import PRESETS, _check_count, dtype_bytes, param_count
+from kvlib.analysis import PRESETS, dtype_bytes, param_count
+from kvlib.checks import require_int
 from kvlib.config import ModelConfig
 
 
@@ -52,7 +53,7 @@ REAL_MODELS: dict[str, ModelConfig | MLAConfig] = {
         head_dim=128, ffn_dim=14336, rope_theta=10_000.0, norm_eps=1e-5, max_seq_len=32768,
         sliding_window=4096, name="mistral-7b-v0.1"),
     # mistralai/Mistral-7B-Instruct-v0.2: "sliding_window": null, rope_theta 1e6.
-    "mistral-7b-v0.2": PRESETS["mistral-7b"],
+    "mistral-7b-v0.2": PRESETS["mistral-7b-v0.2"],
     # Qwen/Qwen2.5-7B: 28 heads, 4 KV heads, q/k/v biases; "use_sliding_window": false.
     "qwen2.5-7b": ModelConfig(
         vocab_size=152064, d_model=3584, num_layers=28, num_heads=28, num_kv_heads=4,
@@ -113,7 +114,7 @@ def kv_heads_per_gpu(model: ModelConfig | MLAConfig, tp: int) -> int:
     >>> [kv_heads_per_gpu(llama70, tp) for tp in (1, 2, 8, 16)]
     [8, 4, 1, 1]
     """
-    _check_count("tp", tp, 1)
+    require_int("tp", tp, minimum=1)
     if isinstance(model, MLAConfig):
         return 1
     H, Hkv = model.num_heads, model.num_kv_heads
@@ -142,8 +143,8 @@ def cache_bytes(model: ModelConfig | MLAConfig, context_len: int, batch_size: in
     >>> cache_bytes(REAL_MODELS["llama-3-70b"], 8192, tp=8) / 2**20  # 8192 x 320 KiB / 8
     320.0
     """
-    _check_count("context_len", context_len, 0)
-    _check_count("batch_size", batch_size, 1)
+    require_int("context_len", context_len, minimum=0)
+    require_int("batch_size", batch_size, minimum=1)
     per_layer = layer_token_bytes(model, dtype)
     windows = ([None] * model.num_layers if isinstance(model, MLAConfig)
                else model.layer_windows)
@@ -172,7 +173,7 @@ def max_sequences(model: ModelConfig | MLAConfig, context_len: int, gpu_bytes: i
     >>> max_sequences(REAL_MODELS["llama-3-8b"], 8192, 80 * 10**9)  # (80 - 16.06) GB / 1 GiB
     59
     """
-    _check_count("gpu_bytes", gpu_bytes, 1)
-    _check_count("context_len", context_len, 1)
+    require_int("gpu_bytes", gpu_bytes, minimum=1)
+    require_int("context_len", context_len, minimum=1)
     free = gpu_bytes - weight_bytes_per_gpu(model, weight_dtype, tp)
     return max(free, 0) // cache_bytes(model, context_len, 1, dtype, tp)

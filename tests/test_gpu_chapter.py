@@ -11,6 +11,7 @@ import torch  # noqa: E402
 
 from kvlib import analysis  # noqa: E402
 from kvlib.experiments import gpu as gexp  # noqa: E402
+from kvlib.experiments.quoted import H200_DECODE  # noqa: E402
 from kvlib.viz import gpu as gviz  # noqa: E402
 
 
@@ -29,9 +30,10 @@ def test_drawings_draw():
                         "gather_ms": 0.1, "int8_ms": 0.03}]}
     fig, axes = plt.subplots(1, 4)
     gviz.draw_memory_hierarchy(axes[0], 0.5)
-    gviz.draw_roofline(axes[1], [analysis.GPUS["H100-SXM"], gexp.H200], {"bf16": 4.0})
+    gviz.draw_roofline(axes[1], [analysis.GPUS["H100-SXM"], analysis.GPUS["H200"]],
+                       {"bf16": 4.0})
     gviz.draw_bandwidths(axes[2], result)
-    gviz.draw_quoted_ranges(axes[3], gexp.ISSUE_H200, "quoted")
+    gviz.draw_quoted_ranges(axes[3], H200_DECODE.ranges, H200_DECODE.source)
     assert len(axes[2].patches) == 4  # one bar per path
     plt.close(fig)
 
@@ -66,3 +68,25 @@ def test_gather_returns_the_contiguous_cache():
     assert torch.equal(gexp.gather(case.v_pool, case.block_tables), case.v)
     k8, _, k_scale, _ = case.codes["int8"]  # the INT8 pool codes the same keys
     assert (k8.float() * k_scale[..., None] - case.k_pool).abs().max() < 0.02
+
+
+def test_quoted_figures_stay_out_of_the_measured_path():
+    """The H200 preset is a datasheet entry beside the others; quoted H200 measurements carry
+    their source and are not importable from the measuring module."""
+    assert analysis.GPUS["H200"].bandwidth == 4.8e12
+    assert analysis.GPUS["H200"].peak_flops == analysis.GPUS["H100-SXM"].peak_flops
+    assert not hasattr(gexp, "H200") and not hasattr(gexp, "ISSUE_H200")
+    assert H200_DECODE.source.startswith("quoted")
+
+
+def test_recorded_bandwidth_ranges_use_the_quoted_labels():
+    from kvlib.experiments.quoted import H200_DECODE as quoted
+
+    for result in gexp.recorded_results():
+        ranges = gexp.bandwidth_ranges(result)
+        assert set(ranges) == set(quoted.ranges)
+        for lo, hi in ranges.values():
+            assert 0 < lo <= hi
+        saved = gexp.graph_savings_us(result)
+        assert set(saved) == {"paged", "sdpa", "gather", "int8"}
+        assert all(len(v) == len(result["rows"]) for v in saved.values())

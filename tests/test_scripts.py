@@ -96,3 +96,18 @@ def test_flash_bench_ends_with_json_peak_bytes_and_times():
     assert last["peak_bytes_naive"][-1] >= 4 * 256 * 256 * 4
     assert last["peak_bytes_chunked"][-1] < last["peak_bytes_naive"][-1] / 4
     assert last["device"].startswith("cpu")
+
+
+def test_bf16_divergence_bench_ends_with_json_per_dtype():
+    out = _run("bench/bf16_divergence.py", "--device", "cpu", "--prompts", "2",
+               "--prompt-len", "4", "--new-tokens", "4")
+    last = json.loads(out.strip().splitlines()[-1])
+    for dtype in ("bfloat16", "float32"):
+        assert last[dtype]["max_logit_gap"] >= 0 and len(last[dtype]["diverged_at"]) == 2
+    assert last["float32"]["max_logit_gap"] < 1e-4
+    assert last["device"].startswith("cpu")
+
+
+def test_recorded_bf16_divergence_matches_the_script_format():
+    recorded = json.loads((ROOT / "bench/results/bf16_divergence_nvidia-h200.json").read_text())
+    assert {"device", "prompts", "new_tokens", "bfloat16", "float32"} <= set(recorded)

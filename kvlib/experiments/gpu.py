@@ -34,7 +34,6 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from kvlib.analysis import Hardware
 from kvlib.bench import measure
 from kvlib.kernels.paged_decode import DecodeLaunch, paged_decode_triton
 from kvlib.kernels.paged_decode_int8 import INT8_LAUNCH, paged_decode_quantized
@@ -44,13 +43,8 @@ from kvlib.kernels.reference import paged_decode_ref
 # The issue's shapes: (batch, tokens) per row, and the attention shape of Llama-3-8B.
 ROWS = ((1, 32768), (8, 4096), (32, 4096), (64, 4096), (32, 16384), (128, 1024))
 
-# Datasheet peaks (dense bf16, memory bandwidth) beside kvlib.analysis.GPUS.
-H200 = Hardware("NVIDIA H200", 989e12, 4.8e12)
-
-# Measured on an H200 on 2026-11-26 by the author of the GPU issue (not by kvlib's scripts):
-# TB/s of bf16 K and V read per decode step, 32/8 heads of 128.
-ISSUE_H200 = {"copy": (4.27, 4.27), "sdpa, 0.13 GB of KV": (2.7, 2.7),
-              "sdpa, 0.5-2.1 GB": (3.9, 4.4), "gather + sdpa": (1.1, 1.3)}
+# GPU datasheet peaks live in kvlib.analysis.GPUS; figures quoted from runs made elsewhere
+# live in kvlib.experiments.quoted, apart from what this module measures.
 
 # The quantized paths: pool ("int8" or "fp8") and launch. `int8` is the kernel's default.
 QUANT_PATHS = {
@@ -353,6 +347,30 @@ def interpreter_check() -> dict[str, float] | str:
     if run.returncode != 0:
         return f"the interpreter run failed: {run.stderr.strip().splitlines()[-1]}"
     return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def bandwidth_ranges(result: dict) -> dict[str, tuple[float, float]]:
+    """A recorded run's (low, high) TB/s per path, by the labels of the quoted figures
+    (`kvlib.experiments.quoted`), so the two compare like with like: K and V bytes over each
+    path's whole time, "gather + sdpa" included, and the copy's reads and writes."""
+    rows = result["rows"]
+
+    def span(path: str, keep) -> tuple[float, float]:
+        tbps = [r["kv_GB"] / r[f"{path}_ms"] for r in rows if keep(r)]  # GB/ms = TB/s
+        return min(tbps), max(tbps)
+
+    return {"copy": (result["copy_TBps"], result["copy_TBps"]),
+            "sdpa, 0.13 GB of KV": span("sdpa", lambda r: r["kv_GB"] < 0.2),
+            "sdpa, 0.5-2.1 GB": span("sdpa", lambda r: r["kv_GB"] >= 0.5),
+            "gather + sdpa": span("gather", lambda r: True)}
+
+
+def graph_savings_us(result: dict, paths: tuple[str, ...] = ("paged", "sdpa", "gather", "int8"),
+                     ) -> dict[str, list[float]]:
+    """Microseconds each path saved per row when replayed from a CUDA graph (eager minus
+    graph; negative where the graph was slower), for a run recorded with `--graphs`."""
+    return {p: [round((r[f"{p}_ms"] - r[f"{p}_graph_ms"]) * 1e3, 1) for r in result["rows"]]
+            for p in paths}
 
 
 def recorded_results(folder: str | Path | None = None) -> list[dict]:

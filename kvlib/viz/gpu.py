@@ -17,7 +17,9 @@ from kvlib.analysis import Hardware
 PATH_COLORS = {"copy": "#7f7f7f", "paged": "#1f77b4", "sdpa": "#2ca02c", "gather": "#d62728",
                "int8": "#9467bd"}
 
-# An H100 SXM's memory levels: (name, capacity, bandwidth to the level below), datasheet.
+# An H100 SXM's memory levels: (name, capacity, bandwidth to the level below). Capacities
+# and the HBM bandwidth are datasheet figures; the ~ bandwidths (shared memory, L2) are
+# estimates: NVIDIA publishes no figure for them.
 H100_LEVELS = (
     ("registers", "256 KB per SM, 33 MB in all", ""),
     ("shared memory / L1", "228 KB per SM, 30 MB in all", "~30 TB/s in all"),
