@@ -33,10 +33,16 @@ BY_HAND = {
     "qwen2.5-7b": 2 * 28 * 4 * 128 * 2,  # 28 layers, 4 KV heads, 3584 / 28: 57,344
     "gemma-2-9b": 2 * 42 * 8 * 256 * 2,  # 42 layers, 8 KV heads, head_dim 256: 344,064
     "deepseek-v3": 61 * (512 + 64) * 2,  # 61 layers, latent 512 + rope key 64: 70,272
+    "llama-3.1-8b": 2 * 32 * 8 * 128 * 2,  # Llama 3's shapes: 131,072
+    "llama-3.1-70b": 2 * 80 * 8 * 128 * 2,  # 327,680
+    "qwen3-8b": 2 * 36 * 8 * 128 * 2,  # 36 layers, 8 KV heads of 128: 147,456
+    "gemma-3-27b": 2 * 62 * 16 * 128 * 2,  # 62 layers, 16 KV heads of 128: 507,904
+    "llama-4-scout": 2 * 48 * 8 * 128 * 2,  # 48 layers, 8 KV heads of 128: 196,608
+    "gpt-oss-120b": 2 * 36 * 8 * 64 * 2,  # 36 layers, 8 KV heads of 64: 73,728
 }
 
 
-def test_the_nine_models():
+def test_the_models():
     assert list(REAL_MODELS) == list(BY_HAND)
 
 
@@ -71,6 +77,13 @@ def test_sliding_windows_cap_the_cache():
     # 21 global layers keep 8,192 tokens, 21 windowed layers keep 4,096.
     assert cache_bytes(gemma, 8192, batch_size=3) == 3 * per_layer * (21 * 8192 + 21 * 4096)
     assert cache_bytes(gemma, 1000) == 1000 * BY_HAND["gemma-2-9b"]  # window not reached
+    # Gemma 3: 52 local layers keep 1,024 tokens, 10 global ones all of them.
+    g3 = REAL_MODELS["gemma-3-27b"]
+    assert cache_bytes(g3, 32768) == 2 * 16 * 128 * 2 * (52 * 1024 + 10 * 32768)
+    # gpt-oss: 18 layers keep 128 tokens, 18 all; Llama 4's chunked layers at most 8,192.
+    oss, scout = REAL_MODELS["gpt-oss-120b"], REAL_MODELS["llama-4-scout"]
+    assert cache_bytes(oss, 131072) == 2 * 8 * 64 * 2 * (18 * 128 + 18 * 131072)
+    assert cache_bytes(scout, 10**6) == 2 * 8 * 128 * 2 * (36 * 8192 + 12 * 10**6)
 
 
 def test_tensor_parallel_share_per_gpu():
