@@ -7,9 +7,9 @@ One concept per module: `config` (shapes), `checks` (input validation), `attenti
 (fast paths beside their references), `model` (a Llama-style decoder), `sampling`,
 `scheduler` and `engine` (continuous batching over a paged cache), `static_batching` (its
 baseline), `presets` (model shapes, GPU peaks), `analysis` (memory, FLOP and roofline
-formulas), `real_models`
-(caches of real models: sliding windows, MLA, tensor-parallel shards), `hf` (Hugging Face
-checkpoints of the Llama family, read from safetensors), `bench` (timing),
+formulas), `real_models` (caches of real models: sliding windows, MLA, tensor-parallel
+shards), `hf` (Hugging Face checkpoints of the Llama family, read from safetensors), `bench`
+(timing),
 `experiments` (the measurements chapters share), `viz` and `widgets` (for the chapters).
 """
 
