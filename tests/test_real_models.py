@@ -188,11 +188,29 @@ def test_gpu_memory_notes_say_what_analysis_says(ax):
     assert sorted(labels) == ["80 GB GPU", "cache of 16 sequence(s)", "weights"]
 
 
+def real_models_max(name: str) -> int:
+    return REAL_MODELS[name].max_seq_len
+
+
+def test_gpu_memory_html_rows_are_the_drawings():
+    from kvlib.viz import models as mviz
+
+    text = mviz.gpu_memory_html(REAL_MODELS, 4096, 16, "bf16", 80, tp=8)
+    for row in mviz.gpu_memory_rows(REAL_MODELS, 4096, 16, "bf16", 80, 8):
+        assert f"<td>{row.note}</td>" in text
+    assert "overflow-x: auto" in text  # scrolls inside itself on a phone, not the page
+    assert len(text) < 12_000  # a few kB per state
+
+
 def test_gpu_memory_widget_states():
     from kvlib.widgets import models as mwidgets
 
     states = math.prod(len(v) for v in mwidgets.GRID.values())
-    assert states <= 40 and set(mwidgets.GRID) == {"context", "batch", "dtype", "gpu_gb", "tp"}
+    assert states <= 64 and set(mwidgets.GRID) == {"context", "batch", "dtype", "gpu_gb", "tp"}
+    # Every model of the widget reaches the longest context it offers but two, and those say
+    # so: no setting blanks most of the models.
+    reach = [real_models_max(n) >= max(mwidgets.GRID["context"]) for n in mwidgets.WIDGET_MODELS]
+    assert sum(reach) >= len(reach) - 2
     small = {"context": [4096], "batch": [1], "dtype": ["bf16"], "gpu_gb": [80, 141], "tp": [8]}
     box = mwidgets.gpu_memory_widget(grid=small)
 

@@ -36,16 +36,16 @@ def draw_memory_hierarchy(ax: Axes, cache_gb: float) -> None:
         y = 3 - i
         ax.add_patch(Rectangle((0.5 - w / 2, y + 0.1), w, 0.75, facecolor="#c6dbef" if i < 3
                                else "#fdd0a2", edgecolor="black"))
-        ax.text(0.5, y + 0.55, name, ha="center", va="center", fontsize=9, weight="bold")
-        ax.text(0.5, y + 0.3, size, ha="center", va="center", fontsize=7.5)
+        ax.text(0.5, y + 0.62, name, ha="center", va="center", fontsize=10.5, weight="bold")
+        ax.text(0.5, y + 0.32, size, ha="center", va="center", fontsize=10)
         if i > 0:
-            ax.add_patch(FancyArrowPatch((1.02, y + 0.75), (1.02, y + 1.15),
-                                         arrowstyle="-|>", mutation_scale=10, color="#1f77b4"))
-            ax.text(1.06, y + 0.92, bw, fontsize=7.5, va="center", color="#1f77b4")
+            ax.add_patch(FancyArrowPatch((1.0, y + 0.75), (1.0, y + 1.15),
+                                         arrowstyle="-|>", mutation_scale=12, color="#1f77b4"))
+            ax.text(1.04, y + 0.95, bw, fontsize=10, va="center", color="#1f77b4")
     ax.text(0.5, -0.25, f"one decode step streams {cache_gb:.2f} GB of K and V upward, once",
-            ha="center", fontsize=8.5, color="#d62728")
-    ax.set_xlim(-0.05, 1.45)
-    ax.set_ylim(-0.4, 4)
+            ha="center", fontsize=10, color="#d62728")
+    ax.set_xlim(-0.02, 1.42)
+    ax.set_ylim(-0.45, 4)
     ax.axis("off")
 
 
@@ -59,12 +59,12 @@ def draw_roofline(ax: Axes, gpus: Sequence[Hardware],
                   lw=1.2, label=f"{hw.name} (ridge {hw.ridge_point:.0f} FLOP/B)")
     for (label, intensity), color in zip(points.items(), ("#1f77b4", "#9467bd", "#2ca02c")):
         ax.axvline(intensity, color=color, lw=1.5)
-        ax.text(intensity * 1.08, 0.004, label, rotation=90, color=color, fontsize=8,
+        ax.text(intensity * 1.1, 0.004, label, rotation=90, color=color, fontsize=10,
                 va="bottom")
     ax.set_ylim(bottom=0.003)
     ax.set_xlabel("arithmetic intensity (FLOP per byte read)")
-    ax.set_ylabel("attainable TFLOP/s")
-    ax.legend(fontsize=7.5, loc="lower right")
+    ax.set_ylabel("attainable compute (TFLOP/s)")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     ax.grid(True, which="major", alpha=0.3)
 
 
@@ -80,10 +80,11 @@ def draw_bandwidths(ax: Axes, result: Mapping) -> None:
         ax.bar(x + (i - (len(paths) - 1) / 2) * width, tbps, width, label=path,
                color=PATH_COLORS[path])
     ax.axhline(result["copy_TBps"], ls="--", color=PATH_COLORS["copy"], label="copy")
-    ax.set_xticks(x, [f"{r['B']}x{r['S']}\n{r['kv_GB']:.2f} GB" for r in rows], fontsize=7.5)
-    ax.set_ylabel("TB/s of bf16 K and V")
-    ax.set_title(result["device"], fontsize=9)
-    ax.legend(fontsize=7.5, ncol=5, loc="upper left")
+    ax.set_xticks(x, [f"{r['B']}x{r['S']}\n{r['kv_GB']:.2f} GB" for r in rows])
+    ax.set_xlabel("batch x tokens per sequence, and GB of K and V read")
+    ax.set_ylabel("K and V read (TB/s, bf16)")
+    ax.set_title(result["device"])
+    ax.legend(ncol=5, loc="lower center", bbox_to_anchor=(0.5, 1.08), frameon=False)
 
 
 def draw_quoted_ranges(ax: Axes, ranges: Mapping[str, tuple[float, float]], title: str,
@@ -97,9 +98,9 @@ def draw_quoted_ranges(ax: Axes, ranges: Mapping[str, tuple[float, float]], titl
         ax.barh(i, hi, color=color, alpha=0.35 if hi > lo else 0.8)
         ax.barh(i, lo, color=color, alpha=0.8)
         ax.text(hi + 0.05, i, f"{lo:.3g}" + (f"-{hi:.3g}" if hi > lo else "") + " TB/s",
-                va="center", fontsize=8)
-    ax.set_yticks(range(len(names)), names, fontsize=8)
+                va="center")
+    ax.set_yticks(range(len(names)), names)
     ax.invert_yaxis()
-    ax.set_xlim(0, max(hi for _, hi in ranges.values()) * 1.3)
-    ax.set_xlabel("TB/s of bf16 K and V read per step")
-    ax.set_title(title, fontsize=9)
+    ax.set_xlim(0, max(hi for _, hi in ranges.values()) * 1.35)
+    ax.set_xlabel("K and V read per step (TB/s, bf16)")
+    ax.set_title(title)
