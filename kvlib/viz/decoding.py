@@ -65,7 +65,7 @@ def plot_step_costs(ax: Axes, cfg: ModelConfig, context_lens: Sequence[int]) -> 
 
 
 def plot_speedups(ax: Axes, cfg: ModelConfig, measured: Mapping[int, float]) -> None:
-    """Measured per-token speedup beside the FLOP ratio and the original design's claim."""
+    """Measured per-token speedup beside the FLOP ratio and the widely quoted claim (S)."""
     lens = sorted(measured)
     ax.plot(lens, lens, color=COLORS["claim"], ls="--", marker="o",
             label="claim: S^2 / S score entries = S")
