@@ -33,6 +33,7 @@ from torch.nn import functional as F
 
 from kvlib.analysis import Hardware
 from kvlib.bench import measure
+from kvlib.experiments import recorded
 from kvlib.cache.contract import PagedKV
 from kvlib.kernels.paged_decode import (
     NUM_STAGES,
@@ -338,6 +339,8 @@ def interpreter_check() -> dict[str, float] | str:
 
 
 def recorded_results(folder: str | Path | None = None) -> list[dict]:
-    """Every `bench/results/gpu_decode_*.json` recorded so far (none on a pip install)."""
-    folder = Path(folder) if folder else Path(__file__).resolve().parents[2] / "bench/results"
-    return [json.loads(p.read_text()) for p in sorted(folder.glob("gpu_decode_*.json"))]
+    """Every `bench/results/gpu_decode_*.json` recorded so far: from `folder`, or wherever
+    `kvlib.experiments.recorded` finds them (the repository, or the installed package)."""
+    paths = (sorted(Path(folder).glob("gpu_decode_*.json")) if folder
+             else recorded.files("gpu_decode_*.json"))
+    return [json.loads(p.read_text()) for p in paths]

@@ -104,3 +104,61 @@ def draw_quoted_ranges(ax: Axes, ranges: Mapping[str, tuple[float, float]], titl
     ax.set_xlim(0, max(hi for _, hi in ranges.values()) * 1.35)
     ax.set_xlabel("K and V read per step (TB/s, bf16)")
     ax.set_title(title)
+
+
+def roofline_svg(hw: Hardware, points: Sequence[tuple[str, float, str]],
+                 width: int = 640, height: int = 290) -> str:
+    """A roofline as inline SVG (a few kB, sharp at any size; what a widget state shows):
+    log-log axes from 0.3 to 10^4 FLOP per byte, the GPU's roof, its ridge point dotted, and
+    one dot per (label, FLOP per byte, colour) in `points`. Text is 13 CSS px at `width`.
+
+    >>> svg = roofline_svg(Hardware("toy", 100e12, 1e12), [("attention", 4.0, "#1f77b4")])
+    >>> svg.count("<circle"), "ridge 100 FLOP/B" in svg
+    (1, True)
+    """
+    left, right, top, bottom = 62, 30, 12, 44  # margins for tick labels and axis titles
+    x0, x1 = np.log10(0.3), 4.0
+    y1 = np.log10(hw.peak_flops / 1e12 * 3)
+    y0 = y1 - np.log10(3 * 3000)
+
+    def px(intensity: float) -> float:
+        return left + (np.log10(intensity) - x0) / (x1 - x0) * (width - left - right)
+
+    def py(tflops: float) -> float:
+        return top + (y1 - np.log10(tflops)) / (y1 - y0) * (height - top - bottom)
+
+    def attained(intensity: float) -> float:
+        return min(hw.peak_flops, intensity * hw.bandwidth) / 1e12
+
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" '
+             f'style="width: {width}px; max-width: 100%; height: auto; font: 13px sans-serif">']
+    for e in range(0, 5):  # x decades
+        x = px(10.0**e)
+        parts.append(f'<line x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{height - bottom}" '
+                     f'stroke="#e4e4e4"/><text x="{x:.1f}" y="{height - bottom + 16}" '
+                     f'text-anchor="middle">{10**e:,}</text>')
+    for e in range(int(np.ceil(y0)), int(np.floor(y1)) + 1):  # y decades
+        y = py(10.0**e)
+        label = f"{10.0**e:,.0f}" if e >= 0 else f"{10.0**e:g}"
+        parts.append(f'<line x1="{left}" y1="{y:.1f}" x2="{width - right}" y2="{y:.1f}" '
+                     f'stroke="#e4e4e4"/><text x="{left - 6}" y="{y + 4:.1f}" '
+                     f'text-anchor="end">{label}</text>')
+    xs = np.logspace(x0, x1, 60)
+    roof = " ".join(f"{px(x):.1f},{py(attained(x)):.1f}" for x in xs)
+    ridge = px(hw.ridge_point)
+    parts += [
+        f'<polyline points="{roof}" fill="none" stroke="black" stroke-width="2"/>',
+        f'<line x1="{ridge:.1f}" y1="{top}" x2="{ridge:.1f}" y2="{height - bottom}" '
+        f'stroke="#888" stroke-dasharray="3 3"/>',
+        f'<text x="{ridge + 5:.1f}" y="{py(hw.peak_flops / 1e12) + 18:.1f}">'
+        f"ridge {hw.ridge_point:.0f} FLOP/B</text>",
+        f'<text x="{(left + width - right) / 2:.1f}" y="{height - 6}" text-anchor="middle">'
+        f"arithmetic intensity (FLOP per byte)</text>",
+        f'<text transform="translate(14 {(top + height - bottom) / 2:.1f}) rotate(-90)" '
+        f'text-anchor="middle">attainable (TFLOP/s)</text>',
+    ]
+    for label, intensity, color in points:
+        parts.append(f'<circle cx="{px(intensity):.1f}" cy="{py(attained(intensity)):.1f}" '
+                     f'r="7" fill="{color}"><title>{label}</title></circle>')
+    parts.append("</svg>")
+    return "".join(parts)

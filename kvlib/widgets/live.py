@@ -82,8 +82,8 @@ def figure_png(fig: Figure, dpi: int = DPI) -> bytes:
     plt.close(fig)
     image = Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
     small = io.BytesIO()
-    image.quantize(256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(
-        small, format="png", optimize=True)
+    image.quantize(256, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE).save(
+        small, format="png")
     return small.getvalue()
 
 
