@@ -33,8 +33,8 @@ from torch.nn import functional as F
 
 from kvlib.analysis import Hardware
 from kvlib.bench import measure
-from kvlib.experiments import recorded
 from kvlib.cache.contract import PagedKV
+from kvlib.experiments import recorded
 from kvlib.kernels.paged_decode import (
     NUM_STAGES,
     NUM_WARPS,
