@@ -16,22 +16,18 @@ read.
 from __future__ import annotations
 
 import json
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
-_REPOSITORY = Path(__file__).resolve().parents[2] / "bench" / "results"
+_KVLIB = Path(__file__).resolve().parents[1]
+_REPOSITORY = _KVLIB.parent / "bench" / "results"  # a clone, or an editable install
+_PACKAGED = _KVLIB / "results"  # kvlib.results of an installed wheel (data, no code)
 
 
 def folders() -> list[Path]:
-    """Where recorded runs are looked for, in order: the repository's bench/results (a
-    clone, or an editable install), then the copy inside the installed package."""
-    found = [_REPOSITORY] if _REPOSITORY.is_dir() else []
-    try:
-        packaged = Path(str(resources.files("kvlib.results")))
-    except ModuleNotFoundError:  # running from a clone: no kvlib.results package
-        return found
-    return found + ([packaged] if packaged.is_dir() and packaged not in found else [])
+    """Where recorded runs are looked for, in order: the repository's bench/results, then
+    the copy inside the installed package (whichever exist)."""
+    return [folder for folder in (_REPOSITORY, _PACKAGED) if folder.is_dir()]
 
 
 def path(name: str) -> Path:
