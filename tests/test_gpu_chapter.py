@@ -31,7 +31,7 @@ def test_drawings_draw():
     gviz.draw_memory_hierarchy(axes[0], 0.5)
     gviz.draw_roofline(axes[1], [analysis.GPUS["H100-SXM"], gexp.H200], {"bf16": 4.0})
     gviz.draw_bandwidths(axes[2], result)
-    gviz.draw_quoted_ranges(axes[3], gexp.ISSUE_H200, "quoted")
+    gviz.draw_quoted_ranges(axes[3], gexp.QUOTED_H200, "quoted")
     assert len(axes[2].patches) == 4  # one bar per path
     plt.close(fig)
 

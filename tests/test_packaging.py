@@ -14,11 +14,11 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import nbformat
 import pytest
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 CHAPTER = ROOT / "book" / "07_gpu_mapping.ipynb"

@@ -47,16 +47,16 @@ from kvlib.kernels.paged_decode import (
 from kvlib.kernels.paged_decode_cpu import paged_decode_attention_ref
 from kvlib.kernels.paged_decode_int8 import paged_decode_attention_int8, quantize_int8
 
-# The issue's shapes: (batch, tokens) per row, and the attention shape of Llama-3-8B.
+# The shapes measured: (batch, tokens) per row, and the attention shape of Llama-3-8B.
 ROWS = ((1, 32768), (8, 4096), (32, 4096), (64, 4096), (32, 16384), (128, 1024))
 
 # Datasheet peaks (dense bf16, memory bandwidth) beside kvlib.analysis.GPUS.
 H200 = Hardware("NVIDIA H200", 989e12, 4.8e12)
 
-# Measured on an H200 on 2026-11-26 by the author of the GPU issue (not by kvlib's scripts):
+# Quoted, not measured by kvlib: an H200 run of 2026-11-26 made with other scripts;
 # TB/s of bf16 K and V read per decode step, 32/8 heads of 128.
-ISSUE_H200 = {"copy": (4.27, 4.27), "sdpa, 0.13 GB of KV": (2.7, 2.7),
-              "sdpa, 0.5-2.1 GB": (3.9, 4.4), "gather + sdpa": (1.1, 1.3)}
+QUOTED_H200 = {"copy": (4.27, 4.27), "sdpa, 0.13 GB of KV": (2.7, 2.7),
+               "sdpa, 0.5-2.1 GB": (3.9, 4.4), "gather + sdpa": (1.1, 1.3)}
 
 
 def decode_attention_intensity(num_heads: int, num_kv_heads: int, bytes_per_element: float,
