@@ -132,3 +132,11 @@ def test_plot_peak_memory_draws_measured_and_fitted_lines():
     labels = [line.get_label() for line in ax.lines]
     assert labels == ["naive (measured)", "chunked (measured)", "sdpa (measured)",
                       "naive: quadratic fit", "chunked: linear fit"]
+
+
+def test_tile_order_numbers_every_computed_tile_in_order():
+    ax = plt.subplots()[1]
+    fviz.draw_tile_order(ax, 8, 2, 2)
+    numbers = [int(t.get_text()) for t in ax.texts]
+    assert numbers == list(range(1, 11))  # 10 of the 16 tiles, the others hatched
+    assert sum(1 for p in ax.patches if p.get_hatch()) == 6

@@ -221,3 +221,14 @@ def test_gpu_memory_widget_states():
 
     found = labels(box)
     assert len(found) == 2 and "gpu_gb = 80 " in found[0] and "gpu_gb = 141 " in found[1]
+
+
+def test_comparison_markdown_shows_the_tables_numbers():
+    from kvlib.viz import models as mviz
+
+    text_rows = mviz.comparison_table(REAL_MODELS, [4096, 131072]).splitlines()[1:]
+    md_rows = mviz.comparison_markdown(REAL_MODELS, [4096, 131072]).splitlines()[2:]
+    assert len(md_rows) == len(text_rows) == len(REAL_MODELS)
+    for text, md in zip(text_rows, md_rows):
+        cells = [c.strip() for c in md.strip("|").split("|")]
+        assert cells[0] == text.split()[0] and cells[-2:] == text.split()[-2:]

@@ -59,6 +59,32 @@ def draw_tiles(ax: Axes, scores: np.ndarray, q_tile: int, kv_tile: int, step: in
     ax.tick_params(length=0)
 
 
+def draw_tile_order(ax: Axes, seq_len: int, q_tile: int, kv_tile: int) -> None:
+    """The whole causal pass in one picture: each tile `chunked_attention` computes, shaded
+    and numbered in the order it is visited; the rest (wholly above the diagonal) hatched,
+    never computed."""
+    schedule = causal_tile_schedule(seq_len, q_tile, kv_tile)
+    ax.imshow(np.ones((seq_len, seq_len)), cmap="gray", vmin=0, vmax=1,
+              extent=(0, seq_len, seq_len, 0))
+    for q0, q1 in flash.tiles(seq_len, q_tile):
+        for k0, k1 in flash.tiles(seq_len, kv_tile):
+            if k0 >= q1:  # every key of this tile is after every query of it
+                ax.add_patch(Rectangle((k0, q0), k1 - k0, q1 - q0, fill=False, hatch="///",
+                                       edgecolor="0.75", linewidth=0.8))
+    for n, (q0, q1, k0, k1) in enumerate(schedule, start=1):
+        ax.add_patch(Rectangle((k0, q0), k1 - k0, q1 - q0, facecolor="tab:blue", alpha=0.18,
+                               edgecolor="tab:blue", linewidth=1.5))
+        ax.text((k0 + k1) / 2, (q0 + q1) / 2, str(n), ha="center", va="center", fontsize=11,
+                color="tab:blue", weight="bold")
+    ax.set_xlim(0, seq_len)
+    ax.set_ylim(seq_len, 0)
+    ax.set_xticks(range(0, seq_len + 1, kv_tile))
+    ax.set_yticks(range(0, seq_len + 1, q_tile))
+    ax.set_xlabel("key (position)")
+    ax.set_ylabel("query (position)")
+    ax.set_title(f"{len(schedule)} tiles computed, in this order; hatched: never")
+
+
 def tile_step_figure(scores: np.ndarray, q_tile: int, kv_tile: int, step: int) -> Figure:
     """Left: the tiles, the `step`-th current. Right: m_i and l_i of the current tile's query
     rows after that tile (from `online_softmax_trace` over each row's visible scores)."""

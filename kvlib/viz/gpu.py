@@ -64,7 +64,7 @@ def draw_roofline(ax: Axes, gpus: Sequence[Hardware],
     ax.set_ylim(bottom=0.003)
     ax.set_xlabel("arithmetic intensity (FLOP per byte read)")
     ax.set_ylabel("attainable compute (TFLOP/s)")
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
     ax.grid(True, which="major", alpha=0.3)
 
 

@@ -60,16 +60,17 @@ def cache_table(presets: Mapping[str, ModelConfig], dtype: str = "bf16") -> str:
                       KiB   tokens              GiB      GiB   tokens  seqs @ max
     llama-3-8b      128.0    8,192             1.00    14.96  122,532        15.0
     """
-    header = (f"{'model':<12} {'KV/token':>8} {'max ctx':>8} {'cache @ max ctx':>16} "
+    w = max(12, *map(len, presets))  # the model column fits the longest name
+    header = (f"{'model':<{w}} {'KV/token':>8} {'max ctx':>8} {'cache @ max ctx':>16} "
               f"{'weights':>8}  cache = weights at")
-    units = (f"{'':<12} {'KiB':>8} {'tokens':>8} {'GiB':>16} {'GiB':>8} {'tokens':>8} "
+    units = (f"{'':<{w}} {'KiB':>8} {'tokens':>8} {'GiB':>16} {'GiB':>8} {'tokens':>8} "
              f"{'seqs @ max':>11}")
     lines = [header, units]
     for name, cfg in presets.items():
         per_token = analysis.kv_bytes_per_token(cfg, dtype)
         full = analysis.kv_cache_bytes(cfg, cfg.max_seq_len, 1, dtype)
         weights = analysis.weight_bytes(cfg, dtype)
-        lines.append(f"{name:<12} {per_token / 2**10:>8.1f} {cfg.max_seq_len:>8,} "
+        lines.append(f"{name:<{w}} {per_token / 2**10:>8.1f} {cfg.max_seq_len:>8,} "
                      f"{full / 2**30:>16.2f} {weights / 2**30:>8.2f} "
                      f"{weights // per_token:>8,} {weights / full:>11.1f}")
     return "\n".join(lines)

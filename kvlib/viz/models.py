@@ -122,6 +122,25 @@ def comparison_table(models: Mapping[str, Model], context_lens: Sequence[int],
     return "\n".join(lines)
 
 
+def comparison_markdown(models: Mapping[str, Model], context_lens: Sequence[int],
+                        dtype: str = "bf16") -> str:
+    """`comparison_table` as a Markdown table (what a chapter shows: it fits the page and
+    scrolls inside itself on a phone), the same numbers, the same '-'."""
+    head = ["model", "attention", "KV heads x dim", "window (layers)", "KV/token KiB",
+            "naive KiB", *(f"{c:,} tokens GiB" for c in context_lens)]
+    lines = ["| " + " | ".join(head) + " |", "|---|---|---|---|" + "---:|" * (len(head) - 4)]
+    for name, m in models.items():
+        shape = (f"latent {m.kv_lora_rank}+{m.qk_rope_head_dim}" if isinstance(m, MLAConfig)
+                 else f"{m.num_kv_heads} x {m.head_dim}")
+        cells = [f"{real_models.cache_bytes(m, c, 1, dtype) / 2**30:.2f}"
+                 if c <= m.max_seq_len else "-" for c in context_lens]
+        lines.append("| " + " | ".join([
+            name, attention_kind(m), shape, window_text(m),
+            f"{real_models.token_bytes(m, dtype) / 2**10:.1f}",
+            f"{naive_token_bytes(m, dtype) / 2**10:.1f}", *cells]) + " |")
+    return "\n".join(lines)
+
+
 def draw_window_mask(ax: Axes, num_tokens: int, window: int | None) -> None:
     """Which keys (columns) each query (rows) attends to: causal, or causal within W."""
     q = np.arange(num_tokens)[:, None]

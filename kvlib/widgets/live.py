@@ -133,7 +133,7 @@ def _control(name: str, options: Sequence[Any], kind: str, default: Any) -> W.Wi
     if kind == "toggle":
         return W.ToggleButtons(options=labels, value=index, description=name,
                                style={**desc, "button_width": "auto"},
-                               layout=W.Layout(flex_flow="row wrap", max_width="100%"))
+                               layout=W.Layout(max_width="100%"))
     raise AssertionError(f"unchecked control kind {kind!r}")  # live checks kinds first
 
 
