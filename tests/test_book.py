@@ -61,6 +61,13 @@ def test_first_cell_installs_kvlib_from_the_configured_repository(path):
         f"({repo_url}); change both together"
     )
     assert 'device = "cuda" if torch.cuda.is_available() else "cpu"' in setup
+    # It installs what the chapter imports (kvlib's extras too), says in one line what to do
+    # when pip fails (no bare CalledProcessError), and turns on the book's figure style.
+    assert 'f"kvlib{EXTRAS} @ git+{REPO_URL}"' in setup and "NEEDED = (" in setup
+    assert "raise RuntimeError(" in setup and "set REPO_URL" in setup and "check=True" not in setup
+    assert "style.use()" in setup
+    uses_hf = any("from kvlib import hf" in "".join(c["source"]) for c in _code_cells(path))
+    assert ('EXTRAS = "[hf]"' in setup) == uses_hf, f"{path.name}: EXTRAS must match kvlib.hf use"
     tags = _code_cells(path)[0].get("metadata", {}).get("tags", [])
     assert "hide-input" in tags, f"{path.name}: fold the setup cell in the HTML (hide-input tag)"
 
