@@ -74,8 +74,10 @@ def test_a_chapter_runs_from_a_pip_install_outside_the_repository(installed, tmp
     client.execute(env=env, cwd=str(tmp_path))
     text = "\n".join(
         "".join(o.get("text", "")) + "".join(o.get("data", {}).get("text/plain", ""))
+        + "".join(o.get("data", {}).get("text/markdown", ""))
         for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs)
     assert f"kvlib from {installed / 'kvlib'}" in text
-    assert "NVIDIA H100 80GB HBM3, 2026-11-26" in text  # the recorded run, read back
+    assert "**NVIDIA H100 80GB HBM3**, 2026-11-26" in text  # the recorded run, read back
+    assert "throughput against SDPA" in text  # the recorded launch sweep too
     for missing in ("not beside this copy", "No GPU run of bench/gpu_decode.py is recorded"):
         assert missing not in text
