@@ -121,9 +121,9 @@ def test_figures_are_shown_at_the_size_they_were_drawn():
 
     image = state(L.live(render, n=[1]), n=1).children[1]
     assert image.layout.width == f"{4 * style.DISPLAY_DPI}px"
-    assert image.layout.max_width == "100%"  # never wider than the page
+    assert image.layout.max_width == L.FIT  # never wider than the page
     html = L.figure_html(plt.figure(figsize=(5, 2)))
-    assert f"width: {5 * style.DISPLAY_DPI}px; max-width: 100%" in html
+    assert f"width: {5 * style.DISPLAY_DPI}px; max-width: {L.FIT}" in html
 
 
 def test_states_are_drawn_in_the_book_style():

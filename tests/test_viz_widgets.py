@@ -241,8 +241,8 @@ def test_cache_calculator_grid():
     controls = _controls(w)
     assert set(controls) == {"model", "context", "batch"}
     assert isinstance(controls["model"], W.Dropdown)
-    html = _state_html(w, model="llama-3-70b", context="8,192", batch="64")
-    assert "model = llama-3-70b · context = 8,192 · batch = 64" in html
+    html = _state_html(w, model="llama-3.1-70b", context="8,192", batch="64")
+    assert "model = llama-3.1-70b · context = 8,192 · batch = 64" in html
     assert re.findall(r"<td[^>]*>([^<]*)</td>", html)[4] == "160.0 GiB"  # bf16
     # HTML states of about 1.5 kB each: a hundred weigh less than one figure.
     assert len(_options(controls["model"])) * len(_options(controls["context"])) * len(
@@ -299,3 +299,11 @@ def test_cache_fill_widget_counts_a_real_generations_cache(monkeypatch):
     assert "<b>generated = 5</b>" in _state_html(w, generated="5")
     with pytest.raises(ValueError, match="do not fit"):
         widgets.cache_fill_widget(model, prompt, max_seq_len=32, new_tokens=(28,))
+
+
+def test_cache_table_markdown_shows_the_text_tables_numbers():
+    text = viz.cache_table(analysis.PRESETS).splitlines()[2:]
+    from kvlib.viz import layouts as lviz
+
+    md = lviz.cache_table_markdown(analysis.PRESETS).splitlines()[2:]
+    assert [r.strip("| ").split(" | ") for r in md] == [r.split() for r in text]

@@ -76,6 +76,16 @@ def cache_table(presets: Mapping[str, ModelConfig], dtype: str = "bf16") -> str:
     return "\n".join(lines)
 
 
+def cache_table_markdown(presets: Mapping[str, ModelConfig], dtype: str = "bf16") -> str:
+    """`cache_table` as a Markdown table (what a chapter shows), the same numbers."""
+    lines = ["| model | KV/token (KiB) | max context (tokens) | cache at max (GiB) | "
+             "weights (GiB) | cache = weights at (tokens) | or (sequences at max context) |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for row in cache_table(presets, dtype).splitlines()[2:]:
+        lines.append("| " + " | ".join(row.split()) + " |")
+    return "\n".join(lines)
+
+
 def layout_order(layout: Layout, num_tokens: int, num_kv_heads: int) -> list[tuple[str, int, int]]:
     """The (K or V, head, token) owner of each head_dim-sized run of memory, in address order.
 

@@ -126,8 +126,8 @@ def comparison_markdown(models: Mapping[str, Model], context_lens: Sequence[int]
                         dtype: str = "bf16") -> str:
     """`comparison_table` as a Markdown table (what a chapter shows: it fits the page and
     scrolls inside itself on a phone), the same numbers, the same '-'."""
-    head = ["model", "attention", "KV heads x dim", "window (layers)", "KV/token KiB",
-            "naive KiB", *(f"{c:,} tokens GiB" for c in context_lens)]
+    head = ["model", "attn", "KV heads x dim", "window (layers)", "KiB per token",
+            "naive", *(f"{c // 1024}K (GiB)" for c in context_lens)]
     lines = ["| " + " | ".join(head) + " |", "|---|---|---|---|" + "---:|" * (len(head) - 4)]
     for name, m in models.items():
         shape = (f"latent {m.kv_lora_rank}+{m.qk_rope_head_dim}" if isinstance(m, MLAConfig)

@@ -20,6 +20,9 @@ from kvlib.viz import style
 from kvlib.widgets.live import figure_html, live
 
 CALCULATOR_DTYPES = ("fp32", "bf16", "fp8")
+# Every preset but Llama 3's, whose tables Llama 3.1's repeat up to their 8,192 tokens.
+CALCULATOR_MODELS = ("gpt2", "smollm2-135m", "mistral-7b-v0.2", "llama-3.1-8b",
+                     "llama-3.1-70b", "qwen3-8b")
 
 
 def format_bytes(n: float) -> str:
@@ -67,9 +70,11 @@ def cache_size_table(cfg: ModelConfig, context_len: int, batch_size: int,
 def cache_calculator(presets: dict | None = None,
                      context_lens: Sequence[int] = (1024, 8192, 32768, 131072),
                      batch_sizes: Sequence[int] = (1, 8, 64),
-                     default: str = "llama-3-8b") -> W.VBox:
-    """Model, context length and batch in; the cache in three dtypes (and weights) out."""
-    presets = dict(analysis.PRESETS if presets is None else presets)
+                     default: str = "llama-3.1-8b") -> W.VBox:
+    """Model, context length and batch in; the cache in three dtypes (and weights) out.
+    The models default to `CALCULATOR_MODELS`, so no two states show the same table."""
+    presets = dict({n: analysis.PRESETS[n] for n in CALCULATOR_MODELS} if presets is None
+                   else presets)
 
     def render(model: str, context: int, batch: int) -> str:
         return cache_size_table(presets[model], context, batch)

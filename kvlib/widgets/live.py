@@ -49,6 +49,7 @@ from PIL import Image
 from kvlib.viz import style
 
 MAX_STATES = 160
+FIT = "calc(100% - 8px)"  # the widest an image may be: its box, less ipywidgets' margins
 DPI = style.WIDGET_DPI  # each state is embedded in the notebook and the HTML page
 
 # CSS classes: the whole widget, and a state's label. tests/browser reads them to check that
@@ -93,12 +94,12 @@ def figure_html(fig: Figure, dpi: int = DPI) -> str:
     width = style.css_width(fig)
     data = base64.b64encode(figure_png(fig, dpi)).decode("ascii")
     return (f'<img src="data:image/png;base64,{data}" alt="figure" '
-            f'style="width: {width}px; max-width: 100%; height: auto">')
+            f'style="width: {width}px; max-width: {FIT}; height: auto">')
 
 
 def figure_image(fig: Figure, dpi: int = DPI) -> W.Image:
     """A figure as an `Image` widget, shown like `figure_html`; then closed."""
-    layout = W.Layout(width=f"{style.css_width(fig)}px", max_width="100%", height="auto")
+    layout = W.Layout(width=f"{style.css_width(fig)}px", max_width=FIT, height="auto")
     return W.Image(value=figure_png(fig, dpi), format="png", layout=layout)
 
 

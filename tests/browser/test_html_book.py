@@ -135,8 +135,8 @@ FIND_PROBLEMS = """
 """
 
 # Runs in the page: outputs, tables and widgets that do not fit the column (they scroll
-# sideways inside themselves or are cut off). Code cells' source may scroll; math is measured
-# by MathJax's own boxes, whose few pixels of slack are not content.
+# sideways inside themselves or are cut off). Code (cells' source, listings) may scroll; math
+# is measured by MathJax's own boxes, whose few pixels of slack are not content.
 FIND_CLIPPED = """
 () => {
   const describe = (el) => el.tagName.toLowerCase() + "." + String(el.className).split(" ")[0]
@@ -144,6 +144,8 @@ FIND_CLIPPED = """
   const found = [];
   for (const el of document.querySelectorAll("article *")) {
     if (!el.checkVisibility() || el.closest(".cell_input, mjx-container, .math")) continue;
+    const code = el.closest("div.highlight");  // a code block (a listing) may scroll;
+    if (code && !code.closest(".output.stream, .output.text_plain")) continue;  // printed text may not
     const o = getComputedStyle(el).overflowX;
     if (["auto", "scroll", "hidden"].includes(o) && el.scrollWidth > el.clientWidth + 2) {
       found.push(describe(el) + ` (${el.scrollWidth} px in ${el.clientWidth})`);
