@@ -58,7 +58,7 @@ def test_draw_attention_work_counts_the_computed_scores(ax, cached):
     viz.draw_attention_work(ax, 5, cached=cached)
     n = 6  # 5 cached tokens + the new one
     expected = n if cached else n * (n + 1) // 2
-    assert f"{expected} scores computed" in ax.get_title()
+    assert f"{expected} scores" in ax.get_title()
     image = ax.get_images()[0].get_array()
     assert image.shape == (n, n) and int((np.asarray(image) == 2).sum()) == expected
 

@@ -34,7 +34,7 @@ def draw_attention_work(ax: Axes, context_len: int, cached: bool) -> None:
         work *= 2
     ax.imshow(work, cmap=_WORK, vmin=0, vmax=2)
     computed = int((work == 2).sum())
-    ax.set_title(f"{'with' if cached else 'without'} cache:\n{computed} scores computed")
+    ax.set_title(f"{'with' if cached else 'without'} cache:\n{computed} scores")
     ax.set_xlabel("key position")
     ax.set_ylabel("query position")
     ax.set_xticks([])

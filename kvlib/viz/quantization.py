@@ -10,6 +10,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from matplotlib.axes import Axes
+from matplotlib.ticker import FuncFormatter, MultipleLocator
 
 from kvlib.cache.quant_memory import Memory
 
@@ -23,6 +24,15 @@ MARKERS = "osD^vP*Xh<>p"
 def scheme_style(index: int) -> dict:
     """Marker and colour of the `index`-th scheme in a scatter (tab10, then markers cycle)."""
     return {"marker": MARKERS[index % len(MARKERS)], "color": plt.get_cmap("tab10")(index % 10)}
+
+
+def kib_axis(axis, max_bytes: float) -> None:
+    """Ticks of a bytes axis in KiB, at a round step giving at most six of them (so the
+    labels never run into each other)."""
+    step = next(s for s in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+                if max_bytes / 1024 / s <= 6)
+    axis.set_major_locator(MultipleLocator(step * 1024))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / 1024:g}"))
 
 
 def draw_magnitudes(ax: Axes, x: torch.Tensor, title: str) -> None:
@@ -78,8 +88,9 @@ def draw_bytes(ax: Axes, memories: Mapping[str, Memory], fp16_per_token: float) 
         m = memories[n]
         ax.text(left[i], i, f" {m.ratio_vs_fp16:.2f}x (naive {m.naive_ratio:g}x)",
                 va="center")
-    ax.set_xlabel("cache per token (bytes, all layers, K and V)")
+    ax.set_xlabel("cache per token (KiB, all layers, K and V)")
     ax.set_xlim(0, fp16_per_token * 1.6)
+    kib_axis(ax.xaxis, fp16_per_token * 1.6)
     ax.set_ylim(len(names) - 0.5, -1.0)  # top to bottom, room above for the fp16 label
     ax.legend(frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1.0))
 
@@ -94,8 +105,9 @@ def draw_memory_vs_error(ax: Axes, points: Mapping[str, tuple[float, float]],
         ax.scatter(mem, err, s=45, label=name, zorder=3, **scheme_style(i))
     ax.axvline(fp16_per_token, color="#333333", ls="--", lw=1)
     ax.text(fp16_per_token, 1.0, " fp16", transform=ax.get_xaxis_transform(), va="top")
-    ax.set_xlabel("cache per token (bytes, all of it)")
+    ax.set_xlabel("cache per token (KiB, all of it)")
     ax.set_ylabel(ylabel)
     ax.set_yscale("log")
     ax.set_xlim(0, fp16_per_token * 1.15)
+    kib_axis(ax.xaxis, fp16_per_token * 1.15)
     ax.grid(True, which="major", alpha=0.3)
