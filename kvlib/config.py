@@ -26,7 +26,7 @@ KV_CODE_DTYPES = {"auto": None, "int8": torch.int8, "fp8_e4m3": torch.float8_e4m
 class Layout(str, Enum):
     """How a flat cache orders its dimensions.
 
-    SEQ_MAJOR is the original design's `[layers, batch, seq, 2, kv_heads, head_dim]`: one
+    SEQ_MAJOR is `[layers, batch, seq, 2, kv_heads, head_dim]`, the simplest to write: one
     token's keys and values for every head sit together, which makes appending cheap.
     HEAD_MAJOR is `[layers, 2, batch, kv_heads, seq, head_dim]`: each head's keys form one
     contiguous `(seq, head_dim)` matrix, which a batched matmul needs to avoid copying

@@ -33,10 +33,13 @@ KV_ELEMENTS_PER_TOKEN = {
     "llama-3-8b": 2 * 32 * 8 * 128,  # 65,536
     "llama-3-70b": 2 * 80 * 8 * 128,  # 163,840
     "mistral-7b-v0.2": 2 * 32 * 8 * 128,  # 65,536
+    "llama-3.1-8b": 2 * 32 * 8 * 128,  # 65,536: Llama 3's shapes, a longer context
+    "llama-3.1-70b": 2 * 80 * 8 * 128,  # 163,840
+    "qwen3-8b": 2 * 36 * 8 * 128,  # 73,728
 }
 
 
-def test_presets_are_the_five_named_models():
+def test_presets_are_the_named_models():
     assert set(PRESETS) == set(KV_ELEMENTS_PER_TOKEN)
     for key, cfg in PRESETS.items():
         assert cfg.name == key

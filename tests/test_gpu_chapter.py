@@ -90,3 +90,27 @@ def test_recorded_bandwidth_ranges_use_the_quoted_labels():
         saved = gexp.graph_savings_us(result)
         assert set(saved) == {"paged", "sdpa", "gather", "int8"}
         assert all(len(v) == len(result["rows"]) for v in saved.values())
+
+
+def test_roofline_widget_states_all_differ_and_place_the_operations():
+    import itertools
+
+    from kvlib import analysis
+    from kvlib.widgets import gpu as gw
+
+    states = {}
+    for gpu, dtype, G, batch in itertools.product(*gw.GRID.values()):
+        states[gpu, dtype, G, batch] = gw.roofline_state(analysis.GPUS[gpu], dtype, G, batch)
+    assert len(set(states.values())) == len(states)  # no state repeats another
+    assert max(map(len, states.values())) < 8_000  # a few kB each
+    h100 = states["H100-SXM", "bf16", 4, 1024]
+    assert "attention</td><td>4 FLOP/B</td><td>memory bound" in h100
+    assert "weight matmuls</td><td>1,0" in h100 and "compute bound" in h100
+    # Attention's intensity is 2 G / bytes whatever the batch; the matmuls' follows the batch.
+    for G in (1, 4, 8):
+        ops = gw.step_operations(G, 16, "fp8")
+        assert ops[1].arithmetic_intensity == 2 * G
+        assert round(ops[0].arithmetic_intensity) == 16
+    w = gw.roofline_widget(grid={"gpu": ["L4", "H100-SXM"], "kv_dtype": ["bf16"], "G": [4],
+                                 "batch": [1]})
+    assert w.children[0].children[0].index == 1  # the H100 first

@@ -35,12 +35,13 @@ import torch
 from torch.nn import functional as F
 
 from kvlib.bench import measure
+from kvlib.experiments import recorded
 from kvlib.kernels.paged_decode import DecodeLaunch, paged_decode_triton
 from kvlib.kernels.paged_decode_int8 import INT8_LAUNCH, paged_decode_quantized
 from kvlib.kernels.quant import quantize_kv
 from kvlib.kernels.reference import paged_decode_ref
 
-# The issue's shapes: (batch, tokens) per row, and the attention shape of Llama-3-8B.
+# The shapes measured: (batch, tokens) per row, and the attention shape of Llama-3-8B.
 ROWS = ((1, 32768), (8, 4096), (32, 4096), (64, 4096), (32, 16384), (128, 1024))
 
 # GPU datasheet peaks live in kvlib.analysis.GPUS; figures quoted from runs made elsewhere
@@ -374,6 +375,8 @@ def graph_savings_us(result: dict, paths: tuple[str, ...] = ("paged", "sdpa", "g
 
 
 def recorded_results(folder: str | Path | None = None) -> list[dict]:
-    """Every `bench/results/gpu_decode_*.json` recorded so far (none on a pip install)."""
-    folder = Path(folder) if folder else Path(__file__).resolve().parents[2] / "bench/results"
-    return [json.loads(p.read_text()) for p in sorted(folder.glob("gpu_decode_*.json"))]
+    """Every `bench/results/gpu_decode_*.json` recorded so far: from `folder`, or wherever
+    `kvlib.experiments.recorded` finds them (the repository, or the installed package)."""
+    paths = (sorted(Path(folder).glob("gpu_decode_*.json")) if folder
+             else recorded.files("gpu_decode_*.json"))
+    return [json.loads(p.read_text()) for p in paths]
