@@ -1,7 +1,7 @@
 """`python -m kvlib`: a short demo that measures, then prints, what the book is about.
 
-The successor of the original design's `python kv_cache.py`: every number below is computed
-or timed on this machine as the demo runs (well under a minute on a 2-core CPU).
+Every number it prints is computed or timed on this machine as the demo runs (well under a
+minute on a 2-core CPU).
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def main() -> None:
     for child in (1, 2, 3):
         paged.fork(0, child)
     model.decode_step(torch.tensor([1, 2, 3, 4], device=device), paged, [0, 1, 2, 3])
-    print(f"   blocks in use: {paged.allocator.num_used_blocks}; 4 separate sequences of 41 "
+    print(f"   blocks in use: {paged.num_used_blocks}; 4 separate sequences of 41 "
           f"tokens would take {4 * -(-41 // 16)} (the 2 full prompt blocks are shared, each "
           f"sample copied only the partly filled third)")
     print("   decode attention, batch 4 x 1,024 tokens (median of 5, round-robin):")

@@ -10,7 +10,8 @@ Masking rule. Query t of sequence b sits at absolute position `q_positions[b, t]
 that sequence is visible when `j <= q_positions[b, t]` (causal) and `j < kv_lens[b]` (the key
 exists; rows of a batch have different lengths and the key tensor is padded to the longest).
 A sliding window W (Mistral, Gemma-2) also hides keys W or more positions back: `j > p - W`,
-so a query sees at most W keys, its own included.
+so a query sees at most W keys, its own included. Sink tokens k (StreamingLLM) stay
+visible besides the window: key j is also visible when `j < k`.
 
 >>> q_positions = torch.tensor([[3]])   # one new token at position 3...
 >>> kv_lens = torch.tensor([4])          # ...over a cache holding positions 0..3
@@ -18,6 +19,8 @@ so a query sees at most W keys, its own included.
 [[[1, 1, 1, 1, 0, 0]]]
 >>> attention_mask(q_positions, kv_lens, num_keys=6, window=2).int().tolist()
 [[[0, 0, 1, 1, 0, 0]]]
+>>> attention_mask(q_positions, kv_lens, num_keys=6, window=2, sink_tokens=1).int().tolist()
+[[[1, 0, 1, 1, 0, 0]]]
 
 A ring buffer hands over only its last keys: with `key_start`, key j of row b is at position
 `key_start[b] + j` (here keys 2..3 of the same sequence, as two keys):
@@ -34,9 +37,21 @@ import math
 import torch
 
 
+def softmax_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype scores and softmax are computed in: float32, or the input's where it is wider.
+
+    fp16 and bf16 inputs get float32 scores (their own precision is too coarse for a sum of
+    exponentials); float64 keeps float64, so a float64 check stays exact to ~1e-15.
+
+    >>> softmax_dtype(torch.bfloat16), softmax_dtype(torch.float64)
+    (torch.float32, torch.float64)
+    """
+    return torch.promote_types(dtype, torch.float32)
+
+
 def attention_mask(q_positions: torch.Tensor, kv_lens: torch.Tensor, num_keys: int,
                    window: int | None = None,
-                   key_start: torch.Tensor | None = None) -> torch.Tensor:
+                   key_start: torch.Tensor | None = None, sink_tokens: int = 0) -> torch.Tensor:
     """Boolean mask (B, T, S): True where query t of row b may attend to key j.
 
     Key j of row b sits at position j, or `key_start[b] + j` when `key_start` (B,) is given.
@@ -47,7 +62,8 @@ def attention_mask(q_positions: torch.Tensor, kv_lens: torch.Tensor, num_keys: i
     causal = keys <= q_positions[:, :, None]  # (B, T, S)
     exists = keys < kv_lens.to(q_positions.device)[:, None, None]  # (B, 1, S)
     if window is not None:
-        causal = causal & (keys > q_positions[:, :, None] - window)  # (B, T, S)
+        recent = keys > q_positions[:, :, None] - window  # (B, T, S)
+        causal = causal & (recent | (keys < sink_tokens))
     return causal & exists
 
 
@@ -74,6 +90,7 @@ def attention(
     kv_lens: torch.Tensor,
     window: int | None = None,
     key_start: torch.Tensor | None = None,
+    sink_tokens: int = 0,
 ) -> torch.Tensor:
     """softmax(q k^T / sqrt(D) + mask) v with grouped-query heads.
 
@@ -84,6 +101,7 @@ def attention(
         kv_lens: (B,) number of valid keys per row; keys at j >= kv_lens[b] are padding.
         window: a sliding window W, or None: keys more than W - 1 positions back are hidden.
         key_start: (B,) position of key 0 per row (a ring buffer's oldest key), or None: 0.
+        sink_tokens: with a window, the first positions that stay visible (StreamingLLM).
 
     Returns:
         (B, H, T, D) attention output, in q's dtype.
@@ -101,8 +119,9 @@ def attention(
     # (B, Hkv) into one batch dimension: chapter 2 measures that copy.)
     qg = q.reshape(B, Hkv, G * T, D)  # (B, Hkv, G*T, D)
     scores = torch.matmul(qg, k.transpose(-1, -2))  # (B, Hkv, G*T, S)
-    scores = scores.float().view(B, Hkv, G, T, S) / math.sqrt(D)  # (B, Hkv, G, T, S)
-    mask = attention_mask(q_positions, kv_lens, S, window, key_start)  # (B, T, S)
+    scores = scores.to(softmax_dtype(scores.dtype))  # float32, or float64 for float64
+    scores = scores.view(B, Hkv, G, T, S) / math.sqrt(D)  # (B, Hkv, G, T, S)
+    mask = attention_mask(q_positions, kv_lens, S, window, key_start, sink_tokens)  # (B, T, S)
     scores = scores.masked_fill(~mask[:, None, None], float("-inf"))
     probs = torch.softmax(scores, dim=-1).to(v.dtype)  # (B, Hkv, G, T, S)
     out = torch.matmul(probs.view(B, Hkv, G * T, S), v)  # (B, Hkv, G*T, D)

@@ -1,8 +1,13 @@
-"""The batched inference engine: continuous batching over a paged KV cache.
+"""The batched inference engine: continuous batching over any paged KV cache.
 
     engine = BatchedInferenceEngine(model, num_blocks=256, max_num_batched_tokens=256)
     result = engine.generate(prompts, SamplingParams(), max_new_tokens=32)
     result.outputs[0].token_ids, result.metrics.tokens_per_s
+
+The engine builds a `PagedKVCache` shaped for the model (its windowed and global layers in
+groups of their own), or, with `quant=`, a `QuantizedKVCache` over one; or it takes any cache
+that answers the `KVCacheManager` protocol (`cache=`), checked against the model's layers
+before anything runs.
 
 Each `step()` asks the scheduler (kvlib.scheduler) for a batch -- decodes, chunks of
 prompts, newly admitted prompts -- packs every sequence's new tokens into one `(N,)` tensor,
@@ -16,10 +21,15 @@ Exactness. Each request has its own random generator, seeded from its `SamplingP
 draws from it once per new token on its own `(1, V)` logits -- what `TransformerLM.generate`
 does for that request alone -- so batching, chunking, preemption and prefix reuse change
 nothing a request sees (up to float rounding of a different batch; the tests use float64).
+
+Host and device. A step reads one tensor back to the host: the tokens it sampled, all at
+once. Everything else (which sequences run, their lengths, the cache's tables) is known on
+the host, and the step's index tensors reach the device in one copy (`StepBuilder`).
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -28,12 +38,13 @@ import torch
 
 from kvlib.bench import progress
 from kvlib.cache.paged import PagedKVCache
+from kvlib.cache.quant_memory import KVQuantConfig
+from kvlib.cache.quantized import QuantizedKVCache
 from kvlib.checks import is_int, require_int
-from kvlib.config import CacheConfig
+from kvlib.contract import KVCache, KVCacheManager
 from kvlib.model import TransformerLM
 from kvlib.sampling import SamplingParams, sample_next
-from kvlib.scheduler import Request, ScheduledStep, Scheduler, Status
-from kvlib.scheduler import Sequence as Seq
+from kvlib.scheduler import Request, ScheduledStep, Scheduler, SequenceState, Status
 
 
 @dataclass(frozen=True)
@@ -104,23 +115,46 @@ class BatchedInferenceEngine:
 
     Args:
         model: a TransformerLM (any dtype and device; its `attention` backend is used).
-        num_blocks: KV cache blocks in the pool (the memory budget).
-        block_size: tokens per block.
+        num_blocks: KV cache blocks in the pool of each cache group (the memory budget),
+            when the engine builds its cache.
+        block_size: tokens per block, when the engine builds its cache.
         max_num_batched_tokens: the token budget of one step (decodes + prompt chunks).
         max_num_seqs: most sequences running at once.
+        quant: store the cache quantized in any scheme of chapter 5 (a `QuantizedKVCache`
+            over the paged blocks, dequantized on read).
+        kv_cache_dtype: "int8" or "fp8_e4m3": a paged cache of codes and per-row scales,
+            read in place by the fused kernels (`CacheConfig.kv_cache_dtype`).
+        cache: instead of `num_blocks`/`block_size`/`quant`, a cache to serve from: any
+            `KVCache` that answers `KVCacheManager` (paged, or quantized over paged), empty.
     """
 
-    def __init__(self, model: TransformerLM, num_blocks: int, block_size: int = 16,
-                 max_num_batched_tokens: int = 256, max_num_seqs: int = 256) -> None:
+    def __init__(self, model: TransformerLM, num_blocks: int | None = None,
+                 block_size: int = 16, max_num_batched_tokens: int = 256,
+                 max_num_seqs: int = 256, *, quant: KVQuantConfig | None = None,
+                 kv_cache_dtype: str = "auto", cache: KVCache | None = None) -> None:
         self.model = model
-        weight = model.embed.weight
-        self.cache = PagedKVCache(CacheConfig.for_model(
-            model.config, max_batch_size=1, max_seq_len=model.config.max_seq_len,
-            dtype=weight.dtype, device=weight.device, block_size=block_size),
-            num_blocks=num_blocks)
-        self.scheduler = Scheduler(self.cache, max_num_batched_tokens, max_num_seqs)
+        if cache is None:
+            if num_blocks is None:
+                raise ValueError("give num_blocks (the engine builds a paged cache) or a cache")
+            if quant is not None and kv_cache_dtype != "auto":
+                raise ValueError("give quant (any scheme, dequantized on read) or "
+                                 "kv_cache_dtype (codes the kernels read), not both")
+            config = model.cache_config(1, model.config.max_seq_len, block_size=block_size,
+                                        kv_cache_dtype=kv_cache_dtype)
+            cache = PagedKVCache(config, num_blocks) if quant is None else QuantizedKVCache(
+                config, quant, lambda c: PagedKVCache(c, num_blocks))
+        elif num_blocks is not None or quant is not None or kv_cache_dtype != "auto":
+            raise ValueError("give either a cache or num_blocks/quant/kv_cache_dtype to build "
+                             "one, not both")
+        if not (isinstance(cache, KVCache) and isinstance(cache, KVCacheManager)):
+            raise ValueError(f"the engine serves from a cache with blocks to manage (a "
+                             f"PagedKVCache, or a QuantizedKVCache over one); got "
+                             f"{type(cache).__name__}")
+        model.check_cache(cache)  # windows, sinks, shapes, dtype: before anything runs
+        self.cache = cache
+        self.scheduler = Scheduler(cache, max_num_batched_tokens, max_num_seqs)
         self.metrics = EngineMetrics()
-        self._seqs: dict[int, Seq] = {}
+        self._seqs: dict[int, SequenceState] = {}
         self._next_id = 0
         self._num_steps = 0
 
@@ -129,12 +163,20 @@ class BatchedInferenceEngine:
                     sampling: SamplingParams | None = None, max_new_tokens: int | None = None,
                     stop_token_ids: Sequence[int] = ()) -> int:
         """Validate and queue a request; returns its id. Raises ValueError, queuing nothing."""
+        request = self._request(request, sampling, max_new_tokens, stop_token_ids)
+        return self._queue(request)
+
+    def _request(self, request, sampling, max_new_tokens, stop_token_ids) -> Request:
         if not isinstance(request, Request):
-            request = Request(request, sampling or SamplingParams(),
+            request = Request(request, SamplingParams() if sampling is None else sampling,
                               16 if max_new_tokens is None else max_new_tokens, stop_token_ids)
         self._validate(request)
-        seq = Seq(self._next_id, request, request.sampling.generator(self.model.embed.weight.device),
-                  arrival_s=time.perf_counter())
+        return request
+
+    def _queue(self, request: Request) -> int:
+        seq = SequenceState(self._next_id, request,
+                            request.sampling.generator(self.model.embed.weight.device),
+                            arrival_s=time.perf_counter())
         self._next_id += 1
         self._seqs[seq.seq_id] = seq
         self.scheduler.add(seq)
@@ -155,21 +197,27 @@ class BatchedInferenceEngine:
         s = r.sampling
         if not isinstance(s, SamplingParams):
             raise ValueError(f"sampling must be SamplingParams, got {type(s).__name__}")
-        if not s.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0, got {s.temperature}")
-        if not 0.0 < s.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {s.top_p}")
+        # NOTE: checked again here, not only when the params were made: a frozen dataclass
+        # can still be changed with object.__setattr__, and a bad value would fail mid-step.
+        if not (isinstance(s.temperature, int | float) and not isinstance(s.temperature, bool)
+                and math.isfinite(s.temperature) and s.temperature >= 0):
+            raise ValueError(f"temperature must be >= 0 and finite, got {s.temperature!r}")
+        if not (isinstance(s.top_p, int | float) and not isinstance(s.top_p, bool)
+                and 0.0 < s.top_p <= 1.0):
+            raise ValueError(f"top_p must be in (0, 1], got {s.top_p!r}")
+        if s.top_k is not None and not (is_int(s.top_k) and s.top_k >= 1):
+            raise ValueError(f"top_k must be None or an int >= 1, got {s.top_k!r}")
         # NOTE: the last new token is never fed back, so it needs no position and no slot.
         longest = len(r.prompt_ids) + r.max_new_tokens - 1
         if longest > cfg.max_seq_len:
             raise ValueError(f"a {len(r.prompt_ids)}-token prompt plus {r.max_new_tokens} new "
                              f"tokens needs {longest} positions; the model has {cfg.max_seq_len}")
-        blocks = -(-longest // self.cache.block_size)
-        if blocks > self.cache.num_blocks:
-            # NOTE: refused now, or it would preempt everyone and itself forever.
+        # NOTE: refused now, or it would preempt everyone and itself forever.
+        try:
+            self.cache.check_fits_alone(longest, self.scheduler.max_num_batched_tokens)
+        except ValueError as err:
             raise ValueError(f"a {len(r.prompt_ids)}-token prompt plus {r.max_new_tokens} new "
-                             f"tokens needs {blocks} blocks of {self.cache.block_size}; the whole "
-                             f"pool has {self.cache.num_blocks}")
+                             f"tokens cannot fit in this engine's cache: {err}") from None
 
     @property
     def has_unfinished(self) -> bool:
@@ -190,7 +238,7 @@ class BatchedInferenceEngine:
         self.metrics.num_prefix_hit_tokens += plan.num_cached_tokens
         self.metrics.steps.append(StepRecord(
             self._num_steps, plan.num_tokens, len(plan.entries), n_dec, plan.num_tokens - n_dec,
-            self.cache.allocator.num_used_blocks, len(self.scheduler.waiting),
+            self.cache.num_used_blocks, len(self.scheduler.waiting),
             time.perf_counter() - start, tuple(events)))
         self._num_steps += 1
         return finished
@@ -198,10 +246,10 @@ class BatchedInferenceEngine:
     def _run(self, plan: ScheduledStep, start: float, events: list) -> list[int]:
         device = self.model.embed.weight.device
         admitted = {s.seq_id for s in plan.admitted}
-        pieces, lens, ids = [], [], []
+        tokens, lens, ids = [], [], []
         for seq, n in plan.entries:
             done = seq.num_computed_tokens
-            pieces.append(seq.token_ids[done:done + n])
+            tokens += seq.token_ids[done:done + n]
             lens.append(n)
             ids.append(seq.seq_id)
             if seq.first_scheduled_s is None:
@@ -209,28 +257,31 @@ class BatchedInferenceEngine:
             if seq.seq_id in admitted:
                 events.append((seq.seq_id, "admit", seq.num_computed_tokens))
             events.append((seq.seq_id, "decode" if seq.is_decoding else "prefill", n))
-        token_ids = torch.tensor([t for p in pieces for t in p], dtype=torch.int64,
-                                 device=device)  # (N,)
-        hidden = self.model.packed_hidden_states(token_ids, lens, self.cache, ids)  # (N, d)
+        batch = self.cache.begin(ids, lens, tokens)  # room was allocated by the scheduler
+        try:
+            hidden = self.model.forward_batch(
+                torch.tensor(tokens, dtype=torch.int64, device=device), batch, self.cache)
+            self.cache.commit(batch)
+        except BaseException:
+            # NOTE: the cache is as it was, and every sequence keeps its place and its room:
+            # the next step plans again, so one failed step loses no request.
+            self.cache.abort(batch)
+            raise
         # Only a sequence whose tokens are now all in the cache samples: the row of its last
         # token. A chunk that ends inside the prompt samples nothing.
         rows, samplers = [], []
-        cu = 0
-        for (seq, n) in plan.entries:
-            cu += n
+        for (seq, n), end in zip(plan.entries, batch.query_starts[1:]):
             seq.num_computed_tokens += n
             if seq.num_pending_tokens == 0:
-                rows.append(cu - 1)
+                rows.append(end - 1)
                 samplers.append(seq)
         if not rows:
             return []
         logits = self.model.lm_head(hidden[rows]).float()  # (K, V), as generate computes them
+        picked = self._sample(logits, samplers).tolist()  # the step's one read from the device
         now = time.perf_counter()
         finished = []
-        for i, seq in enumerate(samplers):
-            # NOTE: one (1, V) draw from the request's own generator per token, exactly as
-            # generate does for it alone: a batch never shifts anyone's random stream.
-            token = int(sample_next(logits[i:i + 1], seq.request.sampling, seq.generator)[0])
+        for seq, token in zip(samplers, picked):
             seq.output_ids.append(token)
             if seq.first_token_s is None:
                 seq.first_token_s = now
@@ -244,6 +295,23 @@ class BatchedInferenceEngine:
                 finished.append(seq.seq_id)
         self.metrics.num_generated_tokens += len(samplers)
         return finished
+
+    @staticmethod
+    def _sample(logits: torch.Tensor, samplers: list[SequenceState]) -> torch.Tensor:
+        """(K, V) logits -> (K,) token ids on the device: greedy rows in one argmax, every
+        other row one (1, V) draw from its request's own generator, exactly as generate
+        draws for that request alone (a batch never shifts anyone's random stream)."""
+        greedy = [i for i, s in enumerate(samplers) if s.request.sampling.greedy]
+        if len(greedy) == len(samplers):
+            return logits.argmax(dim=-1)  # (K,)
+        picked = torch.empty(len(samplers), dtype=torch.int64, device=logits.device)  # (K,)
+        if greedy:
+            picked[greedy] = logits[greedy].argmax(dim=-1)
+        for i, seq in enumerate(samplers):
+            if not seq.request.sampling.greedy:
+                picked[i:i + 1] = sample_next(logits[i:i + 1], seq.request.sampling,
+                                              seq.generator)
+        return picked
 
     # -- running a set -------------------------------------------------------------------------
     def _steps(self) -> Iterator[int]:
@@ -260,7 +328,11 @@ class BatchedInferenceEngine:
         return self.metrics
 
     def output(self, request_id: int) -> RequestOutput:
-        seq = self._seqs[require_int("request_id", request_id, minimum=0)]
+        require_int("request_id", request_id, minimum=0)
+        if request_id not in self._seqs:
+            raise ValueError(f"unknown request {request_id}: this engine has requests "
+                             f"0..{self._next_id - 1}")
+        seq = self._seqs[request_id]
         if seq.status is not Status.FINISHED:
             raise ValueError(f"request {request_id} is {seq.status.value}, not finished")
         n = len(seq.output_ids)
@@ -281,7 +353,9 @@ class BatchedInferenceEngine:
         if len(samplings) != n or len(lengths) != n:
             raise ValueError(f"{n} prompts but {len(samplings)} sampling params and "
                              f"{len(lengths)} max_new_tokens")
-        ids = [self.add_request(Request(p, s, m, stop_token_ids))
-               for p, s, m in zip(prompts, samplings, lengths)]
+        # NOTE: every request is checked before any is queued, so a bad one queues nothing.
+        requests = [self._request(Request(p, s, m, stop_token_ids), None, None, ())
+                    for p, s, m in zip(prompts, samplings, lengths)]
+        ids = [self._queue(r) for r in requests]
         metrics = self.run(show_progress)
         return GenerateResult([self.output(i) for i in ids], metrics)

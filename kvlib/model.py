@@ -12,16 +12,17 @@ d model width, V vocabulary.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from kvlib.backends import attend
-from kvlib.cache.contract import DenseKV, KVCache, StepBatch, check_query_lens
 from kvlib.cache.flat import FlatKVCache
+from kvlib.cache.groups import check_cache_matches
 from kvlib.config import CacheConfig, Layout, ModelConfig
+from kvlib.contract import DenseKV, KVCache, StepBatch, check_query_lens
 from kvlib.sampling import SamplingParams, sample_next
 
 
@@ -69,7 +70,8 @@ class MultiHeadAttention(nn.Module):
     def forward(self, x: torch.Tensor, batch: StepBatch, cache: KVCache | None,
                 backend: str) -> torch.Tensor:
         """x (N, d) packed tokens of `batch` -> (N, d). With a cache, the new keys and values
-        are written to it and attention reads the layer back from it, in place."""
+        are written to it and attention reads the layer back from it, in place; the view
+        carries the layer's window and sinks (the cache was checked against this model)."""
         N = x.shape[0]
         cfg = self.config
         H, Hkv, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -79,22 +81,20 @@ class MultiHeadAttention(nn.Module):
         cos, sin = rotary_cos_sin(batch.positions, D, cfg.rope_theta, q.dtype)  # (N, D)
         q, k = apply_rotary(q, cos[:, None], sin[:, None]), apply_rotary(k, cos[:, None],
                                                                        sin[:, None])
-        if cache is None:
-            kv = _dense_from_packed(k, v, batch)  # (B, Hkv, T, D): the tokens themselves
+        if cache is None:  # keys and values are the new tokens themselves, (B, Hkv, T, D)
+            kv = _dense_from_packed(k, v, batch, cfg.window(self.layer_idx), cfg.sink_tokens)
         else:
             cache.write(self.layer_idx, batch, k, v)
             kv = cache.read(self.layer_idx, batch)  # past + new, read where it lies
-        window = cfg.window(self.layer_idx)
-        if window is not None:  # a sliding-window layer: keys W or more positions back hidden
-            kv = replace(kv, window=window)
         out = attend(q, kv, batch, backend)  # (N, H, D)
         return self.o_proj(out.reshape(N, H * D))  # (N, d)
 
 
-def _dense_from_packed(k: torch.Tensor, v: torch.Tensor, batch: StepBatch) -> DenseKV:
+def _dense_from_packed(k: torch.Tensor, v: torch.Tensor, batch: StepBatch,
+                       window: int | None, sink_tokens: int) -> DenseKV:
     """Without a cache, keys and values are the new tokens themselves: (N, Hkv, D) packed
     -> (B, Hkv, T_max, D), zero-padded past each sequence's length."""
-    B, T = batch.num_seqs, int(batch.query_lens.max())
+    B, T = batch.num_seqs, max(batch.query_lens)
     if batch.uniform_len is not None:
         kd = k.view(B, T, *k.shape[1:]).transpose(1, 2)  # (B, Hkv, T, D)
         vd = v.view(B, T, *v.shape[1:]).transpose(1, 2)
@@ -104,7 +104,8 @@ def _dense_from_packed(k: torch.Tensor, v: torch.Tensor, batch: StepBatch) -> De
         vd = v.new_zeros(B, T, *v.shape[1:])
         kd[rows, batch.positions], vd[rows, batch.positions] = k, v
         kd, vd = kd.transpose(1, 2), vd.transpose(1, 2)  # (B, Hkv, T, D)
-    return DenseKV(kd, vd, batch.query_lens.to(k.device))
+    lens = torch.tensor(batch.query_lens, device=k.device)  # (B,)
+    return DenseKV(kd, vd, lens, window, sink_tokens)
 
 
 class MLP(nn.Module):
@@ -157,9 +158,11 @@ class TransformerLM(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.apply(_init_weights)
-        # How attention runs: a name in kvlib.backends.BACKENDS ("reference", "sdpa",
-        # "fast", ...). One switch for the whole model; `attention` checks it on use.
-        self.attention = "reference"
+        # How attention runs: a name in kvlib.backends.BACKENDS ("fast", "reference",
+        # "sdpa", ...). One switch for the whole model; `attention` checks it on use. The
+        # default is the fastest exact path for the device (kernels that read blocks in
+        # place, SDPA otherwise); chapters that compare paths name theirs.
+        self.attention = "fast"
 
     def cache_config(self, max_batch_size: int, max_seq_len: int, **kwargs) -> CacheConfig:
         """A CacheConfig with this model's layers, KV heads, head dim, dtype and device,
@@ -214,28 +217,45 @@ class TransformerLM(nn.Module):
         seq_ids = list(range(len(lens))) if seq_ids is None else list(seq_ids)
         if len(seq_ids) != len(lens):
             raise ValueError(f"{len(seq_ids)} seq_ids for {len(lens)} query_lens")
-        start = [0] * len(lens) if cache is None else cache.lengths(seq_ids).tolist()
-        longest = max(s + n for s, n in zip(start, lens))
-        if longest > self.config.max_seq_len:
-            raise ValueError(f"positions up to {longest - 1} exceed the model's "
-                             f"max_seq_len {self.config.max_seq_len}")
-        device = token_ids.device
         if cache is None:
-            batch = StepBatch.make(seq_ids, start, lens, torch.arange(sum(lens), device=device),
+            if max(lens) > self.config.max_seq_len:
+                raise ValueError(f"positions up to {max(lens) - 1} exceed the model's "
+                                 f"max_seq_len {self.config.max_seq_len}")
+            batch = StepBatch.make(seq_ids, [0] * len(lens), lens,
+                                   torch.arange(sum(lens), device=token_ids.device)[None],
                                    step=-1)
-        else:
-            batch = cache.begin(seq_ids, lens, token_ids)
+            return self.forward_batch(token_ids, batch, None)
+        self.check_cache(cache)
+        batch = cache.begin(seq_ids, lens, token_ids)
         try:
-            x = self.embed(token_ids)  # (N, d)
-            for block in self.layers:
-                x = block(x, batch, cache, self.attention)
-            if cache is not None:
-                cache.commit(batch)
+            if max(batch.context_lens) > self.config.max_seq_len:
+                raise ValueError(f"positions up to {max(batch.context_lens) - 1} exceed the "
+                                 f"model's max_seq_len {self.config.max_seq_len}")
+            x = self.forward_batch(token_ids, batch, cache)  # (N, d)
+            cache.commit(batch)
         except BaseException:
-            if cache is not None:
-                cache.abort(batch)  # NOTE: a failed step leaves the cache as it was
+            cache.abort(batch)  # NOTE: a failed step leaves the cache as it was
             raise
+        return x
+
+    def forward_batch(self, token_ids: torch.Tensor, batch: StepBatch,
+                      cache: KVCache | None) -> torch.Tensor:
+        """(N,) tokens of an open step -> (N, d) final hidden states, writing every layer's
+        keys and values to `cache`; the caller began the step and commits or aborts it.
+
+        What an engine calls: it checks its requests once, so nothing here reads a tensor
+        back to the host (on a GPU such a read waits for every queued kernel)."""
+        x = self.embed(token_ids)  # (N, d)
+        for block in self.layers:
+            x = block(x, batch, cache, self.attention)
         return self.norm(x)  # (N, d)
+
+    def check_cache(self, cache: KVCache) -> None:
+        """Raise ValueError unless `cache` fits this model: layers, heads, dtype, device, and
+        every layer's window and sinks (a cache that drops keys a layer reads would give
+        wrong logits silently)."""
+        weight = self.embed.weight
+        check_cache_matches(self.config, cache.config, weight.dtype, weight.device)
 
     def _check_vocab(self, token_ids: torch.Tensor) -> None:
         V = self.config.vocab_size
@@ -309,7 +329,10 @@ class TransformerLM(nn.Module):
 
     def _generate(self, prompt: torch.Tensor, max_new_tokens: int, cache: KVCache | None,
                   sampling: SamplingParams, seq_ids: list[int]) -> Generation:
-        generator = sampling.generator(prompt.device)
+        # NOTE: each row draws from its own generator (seed + row), so a row's tokens never
+        # depend on the other rows; row 0 draws exactly as the engine does for a request
+        # with that seed.
+        generators = [sampling.generator(prompt.device, stream=b) for b in range(prompt.shape[0])]
         tokens, all_logits = prompt, []
         for step in range(max_new_tokens):
             if cache is None:
@@ -318,7 +341,8 @@ class TransformerLM(nn.Module):
                 logits = self.prefill(prompt, cache, seq_ids)  # (B, V)
             else:
                 logits = self.decode_step(tokens[:, -1], cache, seq_ids)  # (B, V)
-            next_token = sample_next(logits, sampling, generator)  # (B,)
+            next_token = torch.cat([sample_next(logits[b:b + 1], sampling, g)
+                                    for b, g in enumerate(generators)])  # (B,)
             all_logits.append(logits)
             tokens = torch.cat([tokens, next_token[:, None]], dim=1)  # (B, P + step + 1)
         new = tokens[:, prompt.shape[1]:]  # (B, N)

@@ -1,16 +1,20 @@
 """The scheduler: which sequences run in the next step, and how many tokens each feeds.
 
-A waiting queue and a running list, over a `PagedKVCache` (vLLM's and nano-vllm's design).
-Every step has a token budget, `max_num_batched_tokens`, shared by everything it runs:
+A waiting queue and a running list (vLLM's and nano-vllm's design), over any cache that
+answers the `KVCacheManager` protocol (kvlib.contract): a paged cache, a quantized one over
+paged blocks, windowed or mixed groups. The scheduler never sees block tables or pools: it
+asks the cache for room (`allocate`, which checks and allocates in one call, changing
+nothing when it says no) and takes the answer. Every step has a token budget,
+`max_num_batched_tokens`, shared by everything it runs:
 
 1. decodes: each running sequence whose tokens are all in the cache but its newest feeds that
    one token (oldest admitted first);
 2. chunks: running sequences still prefilling (a long prompt cut into chunks, or a preempted
-   sequence being recomputed) feed as many tokens as the budget and the free blocks allow;
+   sequence being recomputed) feed as many tokens as the budget allows;
 3. admissions: waiting sequences join, front of the queue first, each with a chunk of its
-   prompt, while the budget, the free blocks and `max_num_seqs` allow.
+   prompt, while the budget, the cache's room and `max_num_seqs` allow.
 
-When a running sequence cannot get even one more token's room (a decode needs a new block and
+When the cache has no room for a running sequence's tokens (a decode needs a new block and
 none is free), the most recently admitted running sequence is preempted: its blocks are freed
 and it goes back to the front of the waiting queue. When it
 is admitted again its prompt *and the tokens it already generated* are recomputed as one long
@@ -34,8 +38,8 @@ from enum import Enum
 
 import torch
 
-from kvlib.cache.paged import PagedKVCache
 from kvlib.checks import require_int
+from kvlib.contract import KVCacheManager
 from kvlib.sampling import SamplingParams
 
 
@@ -74,7 +78,7 @@ class Status(str, Enum):
 
 
 @dataclass(eq=False)
-class Sequence:
+class SequenceState:
     """One request inside the engine: its tokens so far and how many the cache holds."""
 
     seq_id: int
@@ -114,9 +118,9 @@ class Sequence:
 class ScheduledStep:
     """The plan of one step: (sequence, tokens it feeds) in batch order, and what changed."""
 
-    entries: list[tuple[Sequence, int]] = field(default_factory=list)
-    admitted: list[Sequence] = field(default_factory=list)
-    preempted: list[Sequence] = field(default_factory=list)
+    entries: list[tuple[SequenceState, int]] = field(default_factory=list)
+    admitted: list[SequenceState] = field(default_factory=list)
+    preempted: list[SequenceState] = field(default_factory=list)
     num_cached_tokens: int = 0  # prompt tokens the admitted ones found in the prefix cache
 
     @property
@@ -127,34 +131,32 @@ class ScheduledStep:
 class Scheduler:
     """Decides each step's batch; owns the waiting queue and the running list."""
 
-    def __init__(self, cache: PagedKVCache, max_num_batched_tokens: int,
+    def __init__(self, cache: KVCacheManager, max_num_batched_tokens: int,
                  max_num_seqs: int) -> None:
         self.cache = cache
         self.max_num_batched_tokens = require_int("max_num_batched_tokens",
                                                   max_num_batched_tokens, minimum=1)
         self.max_num_seqs = require_int("max_num_seqs", max_num_seqs, minimum=1)
-        self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []  # NOTE: in admission order; preemption takes the last
-        self._reserved = 0  # blocks the plan being made will allocate
+        self.waiting: deque[SequenceState] = deque()
+        self.running: list[SequenceState] = []  # NOTE: admission order; preemption takes the last
 
     @property
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def add(self, seq: Sequence) -> None:
+    def add(self, seq: SequenceState) -> None:
         self.waiting.append(seq)
 
     # -- planning ------------------------------------------------------------------------------
     def schedule(self) -> ScheduledStep:
+        """The next step's batch. Every sequence in it already holds room for the tokens it
+        feeds (allocated here), so the step itself cannot run out of blocks."""
         plan = ScheduledStep()
         budget = self.max_num_batched_tokens
         scheduled: set[int] = set()
-        # NOTE: blocks promised to sequences already in this plan are not free for the next
-        # ones, though the cache allocates them only when the step begins.
-        self._reserved = 0
         # 1. Decodes first: a running sequence waiting for one token is the cheapest progress
         # there is, and holding its blocks while it waits would waste them.
-        # 2. Then chunks of running prefills, as much as the budget and the free blocks allow.
+        # 2. Then chunks of running prefills, as much as the budget allows.
         decoding = [s for s in self.running if s.is_decoding]
         prefilling = [s for s in self.running if not s.is_decoding]
         for seq in decoding + prefilling:
@@ -162,11 +164,11 @@ class Scheduler:
                 break
             if seq.status is not Status.RUNNING:  # preempted earlier in this loop
                 continue
-            while self._tokens_that_fit(seq) == 0 and self._preempt_for(seq, plan, scheduled):
+            n = min(seq.num_pending_tokens, budget)
+            while (not self.cache.allocate(seq.seq_id, seq.num_computed_tokens + n)
+                   and self._preempt_for(seq, plan, scheduled)):
                 pass
             if seq.status is Status.RUNNING:
-                n = min(seq.num_pending_tokens, budget, self._tokens_that_fit(seq))
-                self._reserved += self._blocks_needed(seq, n)
                 plan.entries.append((seq, n))
                 scheduled.add(seq.seq_id)
                 budget -= n
@@ -186,57 +188,34 @@ class Scheduler:
             budget -= n
         return plan
 
-    def _admit_chunk(self, seq: Sequence, budget: int, plan: ScheduledStep) -> int:
+    def _admit_chunk(self, seq: SequenceState, budget: int, plan: ScheduledStep) -> int:
         """Give `seq` its cached prefix and room for its first chunk; 0 (and no change) if the
-        free blocks cannot hold that chunk."""
-        # NOTE: reuse_prefix always leaves at least the last token to compute, even when every
+        cache cannot hold that chunk."""
+        # NOTE: admit always leaves at least the last token to compute, even when every
         # block is cached: that token's logits choose the next new token.
-        cached = self.cache.reuse_prefix(seq.seq_id, seq.token_ids)
-        seq.num_computed_tokens = cached
-        n = min(seq.num_pending_tokens, budget)
-        if self._blocks_needed(seq, n) > self._num_free_blocks:
+        cached = self.cache.admit(seq.seq_id, seq.token_ids)
+        n = min(seq.num_tokens - cached, budget)
+        if not self.cache.allocate(seq.seq_id, cached + n):
             self.cache.release([seq.seq_id])  # the cached blocks go back to the free queue
-            seq.num_computed_tokens = 0
             return 0
-        self._reserved += self._blocks_needed(seq, n)
+        seq.num_computed_tokens = cached
         seq.num_cached_tokens += cached
         plan.num_cached_tokens += cached
         return n
 
-    @property
-    def _num_free_blocks(self) -> int:
-        return self.cache.allocator.num_free_blocks - self._reserved
-
-    def _blocks_needed(self, seq: Sequence, num_new: int) -> int:
-        """New blocks `seq` needs to store `num_new` more tokens.
-
-        >>> # holding 5 tokens in blocks of 4 (2 blocks): 3 more tokens fill to 8, no new block
-        >>> -(-(5 + 3) // 4) - 2
-        0
-        """
-        held = len(self.cache.block_table(seq.seq_id))  # every planned sequence is held
-        # NOTE: no copy-on-write to count: the engine never forks, and a reused prefix is whole
-        # blocks, so a sequence's next write never lands in a block another one shares.
-        return max(0, -(-(seq.num_computed_tokens + num_new) // self.cache.block_size) - held)
-
-    def _tokens_that_fit(self, seq: Sequence) -> int:
-        held = len(self.cache.block_table(seq.seq_id))
-        room = (held + self._num_free_blocks) * self.cache.block_size
-        return max(0, room - seq.num_computed_tokens)
-
     # -- changes of state ----------------------------------------------------------------------
-    def _preempt_for(self, seq: Sequence, plan: ScheduledStep, scheduled: set[int]) -> bool:
+    def _preempt_for(self, seq: SequenceState, plan: ScheduledStep, scheduled: set[int]) -> bool:
         """Preempt the most recently admitted running sequence not yet in this step's batch
         (possibly `seq` itself); True while `seq` still runs and may try again.
 
         NOTE: this always ends: the oldest running sequence can preempt every other one, and
-        alone it fits (add_request refuses a request the whole pool could not hold).
+        alone it fits (add_request refuses a request the whole cache could not hold).
         """
         victim = next(s for s in reversed(self.running) if s.seq_id not in scheduled)
         self._preempt(victim, plan)
         return victim is not seq
 
-    def _preempt(self, seq: Sequence, plan: ScheduledStep) -> None:
+    def _preempt(self, seq: SequenceState, plan: ScheduledStep) -> None:
         """Free `seq`'s blocks and queue it first, to be recomputed.
 
         NOTE: the most recently admitted goes: it has done the least work (least to
@@ -250,7 +229,7 @@ class Scheduler:
         self.waiting.appendleft(seq)  # NOTE: first back in, so it is not starved by newcomers
         plan.preempted.append(seq)
 
-    def finish(self, seq: Sequence, reason: str) -> None:
+    def finish(self, seq: SequenceState, reason: str) -> None:
         """Done: free its blocks now, so the next step can use them."""
         self.running.remove(seq)
         self.cache.release([seq.seq_id])

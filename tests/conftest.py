@@ -24,26 +24,32 @@ settings.register_profile("kvlib", deadline=None)
 settings.load_profile("kvlib")
 
 
-def _naive_attention(q, k, v, q_positions, kv_lens):
+def _naive_attention(q, k, v, q_positions, kv_lens, window=None, sink_tokens=0, key_start=None):
     """q (B, H, T, D), k/v (B, Hkv, S, D), q_positions (B, T), kv_lens (B,) -> (B, H, T, D).
 
-    Query t of row b (absolute position p) sees keys 0 .. min(p, kv_lens[b] - 1); query head h
-    reads KV head h // (H // Hkv) (the Llama convention: each KV head serves a run of
-    consecutive query heads).
+    Key j of row b sits at position key_start[b] + j (key_start None: j). Query t of row b
+    (absolute position p) sees the keys at positions 0 .. min(p, kv_lens[b] - 1), and with a
+    window W only those with p - position < W or position < sink_tokens; query head h reads
+    KV head h // (H // Hkv) (the Llama convention: each KV head serves a run of consecutive
+    query heads).
     """
     B, H, T, D = q.shape
-    Hkv = k.shape[1]
+    Hkv, S = k.shape[1], k.shape[2]
     group = H // Hkv
     out = torch.zeros(B, H, T, D, dtype=torch.float64)
     for b in range(B):
+        first = 0 if key_start is None else int(key_start[b])
         for h in range(H):
             kv_head = h // group
             for t in range(T):
-                visible = min(int(q_positions[b, t]) + 1, int(kv_lens[b]))
-                keys = k[b, kv_head, :visible].double()  # (visible, D)
-                values = v[b, kv_head, :visible].double()  # (visible, D)
+                p = int(q_positions[b, t])
+                visible = [j for j in range(S) if first + j <= p and first + j < int(kv_lens[b])
+                           and (window is None or p - (first + j) < window
+                                or first + j < sink_tokens)]
+                keys = k[b, kv_head, visible].double()  # (visible, D)
+                values = v[b, kv_head, visible].double()  # (visible, D)
                 query = q[b, h, t].double()  # (D,)
-                scores = [float(query @ keys[j]) / math.sqrt(D) for j in range(visible)]
+                scores = [float(query @ keys[j]) / math.sqrt(D) for j in range(len(visible))]
                 top = max(scores)
                 weights = [math.exp(s - top) for s in scores]
                 total = sum(weights)

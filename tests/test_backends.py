@@ -13,8 +13,8 @@ import torch
 from conftest import unit_scale_model
 
 from kvlib.backends import BACKENDS, attend
-from kvlib.cache.contract import DenseKV, PagedKV, StepBatch
 from kvlib.config import Layout
+from kvlib.contract import DenseKV, PagedKV, StepBatch
 from kvlib.model import TransformerLM
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -50,14 +50,14 @@ def test_scheduler_invariants_hold_after_every_step(lengths, num_blocks, budget,
         assert set(engine.cache.seq_ids) == {s.seq_id for s in running}  # waiting hold none
         for s in running:  # the cache holds exactly what the scheduler thinks it computed
             assert engine.cache.lengths([s.seq_id]).item() == s.num_computed_tokens
-        engine.cache.allocator.check_invariants()
+        engine.cache.check_invariants()
         if rec.num_tokens == 0:
             assert not engine.has_unfinished  # a step with work to do always makes progress
     assert not engine.has_unfinished, "did not finish in 2000 steps"
     kept = [n for p, n in lengths if -(-(p + n - 1) // 4) <= num_blocks]
     for i, n in zip(ids, kept):
         assert len(engine.output(i).token_ids) == n
-    assert engine.cache.allocator.num_used_blocks == 0
+    assert engine.cache.num_used_blocks == 0
 
 
 def test_timeline_grid_marks_waiting_prefill_decode_and_padding():

@@ -1,4 +1,4 @@
-"""The cache contract, one suite for every cache kind (kvlib.cache.contract).
+"""The cache contract, one suite for every cache kind (kvlib.contract).
 
 Every test here runs against every kind in `CACHE_KINDS`, through the public contract only:
 `begin`, `write`, `read`, `commit`, `abort`, `lengths`, `fork`, `release`. What a cache holds
@@ -6,10 +6,16 @@ is what `read(...).dense()` hands attention; the truth is `Harness`'s plain reco
 sequence's keys and values, written by the tests. A lossy kind (quantized) gives an `atol`:
 the largest difference allowed between a value written and the value read back.
 
+Windowed kinds (a ring, paged caches whose layer 0 has a window, with or without sink tokens)
+must hold every key their windowed layer can still read -- the sinks and the last W positions
+before the step's first new token, and everything after -- and may drop the rest; the
+harness compares exactly those, at the positions the view says they are (`key_start`).
+
 Adding a kind is one line in `CACHE_KINDS`: a function of (num_layers, num_kv_heads,
-head_dim, capacity, max_seqs, dtype) that returns an empty cache able to hold `capacity`
-tokens in each of `max_seqs` sequences at once (it may hold more), whose sequence ids
-include 0 .. max_seqs - 1.
+head_dim, capacity, max_seqs, dtype, windows, sink_tokens) that returns an empty cache able to
+hold `capacity` tokens in each of `max_seqs` sequences at once (it may hold more), whose
+sequence ids include 0 .. max_seqs - 1, with `windows` (a window or None per layer) and
+`sink_tokens` in its config.
 """
 
 from __future__ import annotations
@@ -27,8 +33,8 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-import kvlib.cache.contract
-from kvlib.backends import BACKENDS, attend
+import kvlib.contract
+from kvlib.backends import BACKENDS, WINDOWED_BACKENDS, attend
 from kvlib.cache import (
     FlatKVCache,
     KVCache,
@@ -37,43 +43,60 @@ from kvlib.cache import (
     QuantizedKVCache,
     QuantScheme,
 )
-from kvlib.cache.contract import StepBatch, append
 from kvlib.cache.quant_memory import PRESETS as QUANT_PRESETS
+from kvlib.cache.ring import RingKVCache
 from kvlib.config import CacheConfig, Layout
+from kvlib.contract import StepBatch, append
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @dataclass(frozen=True)
 class Kind:
-    """How to build one kind of cache, and how exactly it stores values."""
+    """How to build one kind of cache, how exactly it stores values, which keys it keeps."""
 
-    make: Callable[[int, int, int, int, int, torch.dtype], KVCache]
+    make: Callable[..., KVCache]
     atol: float = 0.0  # |read - written| allowed per stored value; 0: exact
+    windows: tuple[int | None, ...] = ()  # per layer (layers past the tuple: None)
+    sink_tokens: int = 0
 
 
-def flat(num_layers, num_kv_heads, head_dim, capacity, max_seqs, dtype, *, layout):
-    return FlatKVCache(CacheConfig(num_layers=num_layers, num_kv_heads=num_kv_heads,
-                                   head_dim=head_dim, max_batch_size=max_seqs,
-                                   max_seq_len=capacity, dtype=dtype, layout=layout))
+def _config(num_layers, num_kv_heads, head_dim, max_seqs, max_seq_len, dtype, windows,
+            sink_tokens, **kwargs):
+    windows = (tuple(windows) + (None,) * num_layers)[:num_layers] if windows else ()
+    return CacheConfig(num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                       max_batch_size=max_seqs, max_seq_len=max_seq_len, dtype=dtype,
+                       layer_windows=windows, sink_tokens=sink_tokens, **kwargs)
 
 
-def paged(num_layers, num_kv_heads, head_dim, capacity, max_seqs, dtype, *, block_size):
+def flat(num_layers, num_kv_heads, head_dim, capacity, max_seqs, dtype, windows, sinks, *,
+         layout):
+    return FlatKVCache(_config(num_layers, num_kv_heads, head_dim, max_seqs, capacity, dtype,
+                               windows, sinks, layout=layout))
+
+
+def ring(num_layers, num_kv_heads, head_dim, capacity, max_seqs, dtype, windows, sinks):
+    # Room for 4x the capacity, so that the windowed layers' rings (W + 8 - 1 slots) really
+    # wrap around; steps of at most 8 tokens (every test's steps are shorter).
+    return RingKVCache(_config(num_layers, num_kv_heads, head_dim, max_seqs, 4 * capacity,
+                               dtype, windows, sinks), max_query_len=8)
+
+
+def paged(num_layers, num_kv_heads, head_dim, capacity, max_seqs, dtype, windows, sinks, *,
+          block_size, kv_cache_dtype="auto"):
     # Blocks for `capacity` tokens in each sequence; one sequence may grow past its share
     # (max_seq_len), so the pool, not a per-sequence limit, is what runs out.
-    return PagedKVCache(CacheConfig(num_layers=num_layers, num_kv_heads=num_kv_heads,
-                                    head_dim=head_dim, max_batch_size=1,
-                                    max_seq_len=capacity * max_seqs, dtype=dtype,
-                                    block_size=block_size),
+    return PagedKVCache(_config(num_layers, num_kv_heads, head_dim, 1, capacity * max_seqs,
+                                dtype, windows, sinks, block_size=block_size,
+                                kv_cache_dtype=kv_cache_dtype),
                         num_blocks=max_seqs * -(-capacity // block_size))
 
 
-def quantized(num_layers, num_kv_heads, head_dim, capacity, max_seqs, dtype, *, quant,
-              inner):
+def quantized(num_layers, num_kv_heads, head_dim, capacity, max_seqs, dtype, windows, sinks, *,
+              quant, inner):
     # The same rooms as `flat` or `paged`, holding codes and scales (kvlib.cache.quantized).
-    config = CacheConfig(num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim,
-                         max_batch_size=max_seqs, max_seq_len=capacity, dtype=dtype,
-                         block_size=4)
+    config = _config(num_layers, num_kv_heads, head_dim, max_seqs, capacity, dtype, windows,
+                     sinks, block_size=4)
     if inner == "paged":
         config = replace(config, max_batch_size=1, max_seq_len=capacity * max_seqs)
         return QuantizedKVCache(config, quant, lambda c: PagedKVCache(
@@ -82,13 +105,24 @@ def quantized(num_layers, num_kv_heads, head_dim, capacity, max_seqs, dtype, *, 
 
 
 KIVI_G4 = KVQuantConfig(QuantScheme("int4", "channel", 4, symmetric=False),  # keys: per channel
-                        QuantScheme("int4", "token", symmetric=False), window=2)
+                        QuantScheme("int4", "token", symmetric=False), residual=2)
 CACHE_KINDS: dict[str, Kind] = {
     "flat-seq-major": Kind(partial(flat, layout=Layout.SEQ_MAJOR)),
     "flat-head-major": Kind(partial(flat, layout=Layout.HEAD_MAJOR)),
+    "ring-window3": Kind(ring, windows=(3,)),  # layer 0 a ring, layer 1 every position
     "paged-bs1": Kind(partial(paged, block_size=1)),
     "paged-bs3": Kind(partial(paged, block_size=3)),
     "paged-bs16": Kind(partial(paged, block_size=16)),
+    # two cache groups (Gemma-2-style): layer 0 frees blocks its window of 3 has passed
+    "paged-bs2-window3": Kind(partial(paged, block_size=2), windows=(3,)),
+    # StreamingLLM's policy on layer 0: the first 2 tokens and the last 4
+    "paged-bs2-sinks2-window4": Kind(partial(paged, block_size=2), windows=(4,),
+                                     sink_tokens=2),
+    # codes the fused kernels read: one int8 (or e4m3) code per number, a scale per row;
+    # atol: half a step of randn values (< 5 / 127 / 2 in int8; e4m3 keeps 3 mantissa bits)
+    "paged-bs4-int8": Kind(partial(paged, block_size=4, kv_cache_dtype="int8"), atol=0.03),
+    "paged-bs4-fp8-window3": Kind(partial(paged, block_size=4, kv_cache_dtype="fp8_e4m3"),
+                                  atol=0.35, windows=(3,)),
     # atol: half a step of randn values, int8 per token (< 5 / 127 / 2) and int4 in groups
     # of 4 tokens or one token's 4 channels ((max - min) / 15 / 2 < 0.5)
     "quantized-int8-flat": Kind(partial(quantized, quant=QUANT_PRESETS["int8-token"],
@@ -113,7 +147,9 @@ class Harness:
     def __init__(self, kind: Kind, *, num_layers=2, num_kv_heads=2, head_dim=4, capacity=16,
                  max_seqs=4, dtype=torch.float32, seed=0) -> None:
         self.kind, self.dtype = kind, dtype
-        self.cache = kind.make(num_layers, num_kv_heads, head_dim, capacity, max_seqs, dtype)
+        self.cache = kind.make(num_layers, num_kv_heads, head_dim, capacity, max_seqs, dtype,
+                               kind.windows, kind.sink_tokens)
+        self.windows = (tuple(kind.windows) + (None,) * num_layers)[:num_layers]
         self.L, self.Hkv, self.D = num_layers, num_kv_heads, head_dim
         self.capacity, self.seqs = capacity, list(range(max_seqs))
         self.gen = torch.Generator().manual_seed(seed)
@@ -132,19 +168,36 @@ class Harness:
     def close(self, got: torch.Tensor, want: torch.Tensor) -> None:
         torch.testing.assert_close(got, want, rtol=0, atol=self.kind.atol)
 
+    def kept(self, layer: int, start: int, end: int) -> list[int]:
+        """Positions < `end` a cache must still hold in `layer` when the step's first new
+        token is at `start`: all of them, or the sinks and the last W before `start` on."""
+        w = self.windows[layer]
+        return [p for p in range(end)
+                if w is None or p < self.kind.sink_tokens or p > start - w]
+
+    def close_kept(self, dense, b: int, layer: int, start: int, want_k, want_v) -> None:
+        """Row b of a read holds `want` (Hkv, n, D) at every position it must keep."""
+        first = 0 if dense.key_start is None else int(dense.key_start[b])
+        keep = self.kept(layer, start, want_k.shape[1])
+        cols = [p - first for p in keep]
+        self.close(dense.k[b][:, cols], want_k[:, keep])
+        self.close(dense.v[b][:, cols], want_v[:, keep])
+
     # -- one step ---------------------------------------------------------------------------
     def begin(self, seq_ids, query_lens) -> StepBatch:
         before = self.cache.lengths(seq_ids).tolist()
         batch = self.cache.begin(seq_ids, query_lens)
         N = sum(query_lens)
         assert batch.seq_ids == tuple(seq_ids) and batch.num_tokens == N
-        assert batch.query_lens.tolist() == list(query_lens)
-        assert batch.context_lens.tolist() == [s + n for s, n in zip(before, query_lens)]
+        assert batch.query_lens == tuple(query_lens)
+        assert batch.context_lens == tuple(s + n for s, n in zip(before, query_lens))
         assert batch.positions.tolist() == [p for s, n in zip(before, query_lens)
                                             for p in range(s, s + n)]
         assert batch.cu_query_lens.tolist() == [0, *itertools.accumulate(query_lens)]
-        slots = batch.slot_mapping.tolist()
-        assert len(slots) == N and len(set(slots)) == N, "two new tokens share a slot"
+        assert batch.query_starts == tuple(batch.cu_query_lens.tolist())
+        for slots in batch.slot_mapping.tolist():  # one row per cache group
+            stored = [x for x in slots if x >= 0]  # < 0: not at a slot (a quantized residual)
+            assert len(slots) == N and len(set(stored)) == len(stored), "two tokens, one slot"
         assert self.cache.lengths(seq_ids).tolist() == before, "begin moved a length"
         return batch
 
@@ -156,21 +209,25 @@ class Harness:
     def check_read(self, layer, batch, k, v):
         kv = self.cache.read(layer, batch)
         dense = kv.dense()
-        ctx = batch.context_lens.tolist()
+        ctx = list(batch.context_lens)
         assert kv.context_lens.tolist() == ctx
+        assert (kv.window, kv.sink_tokens) == (self.windows[layer], self.kind.sink_tokens
+                                               if self.windows[layer] else 0)
         assert dense.k.shape[:2] == (batch.num_seqs, self.Hkv) and dense.k.shape[3] == self.D
-        assert dense.v.shape == dense.k.shape and dense.k.shape[2] >= max(ctx)
-        cu = batch.cu_query_lens.tolist()
+        assert dense.v.shape == dense.k.shape
+        assert dense.key_start is not None or dense.k.shape[2] >= max(ctx)
+        cu = batch.query_starts
         for b, seq in enumerate(batch.seq_ids):
             new_k = k[layer, cu[b]:cu[b + 1]].transpose(0, 1)  # (Hkv, T_b, D)
             new_v = v[layer, cu[b]:cu[b + 1]].transpose(0, 1)
-            self.close(dense.k[b, :, :ctx[b]], torch.cat([self.k[seq][layer], new_k], dim=1))
-            self.close(dense.v[b, :, :ctx[b]], torch.cat([self.v[seq][layer], new_v], dim=1))
+            self.close_kept(dense, b, layer, batch.starts[b],
+                            torch.cat([self.k[seq][layer], new_k], dim=1),
+                            torch.cat([self.v[seq][layer], new_v], dim=1))
         return kv
 
     def commit(self, batch: StepBatch, k: torch.Tensor, v: torch.Tensor) -> None:
         self.cache.commit(batch)
-        cu = batch.cu_query_lens.tolist()
+        cu = batch.query_starts
         for b, seq in enumerate(batch.seq_ids):
             self.k[seq] = torch.cat([self.k[seq], k[:, cu[b]:cu[b + 1]].transpose(1, 2)], 2)
             self.v[seq] = torch.cat([self.v[seq], v[:, cu[b]:cu[b + 1]].transpose(1, 2)], 2)
@@ -193,18 +250,18 @@ class Harness:
             self.k[s], self.v[s] = self.k[s][:, :, :0], self.v[s][:, :, :0]
 
     # -- what the cache holds ---------------------------------------------------------------
-    def contents(self, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The committed K and V (L, Hkv, n, D) of `seq`, read through a step then aborted
-        (the contract has no other way to read; needs room for one more token)."""
+    def check_contents(self, seq: int) -> None:
+        """The committed K and V of `seq` (every position the next step can read), read
+        through a step then aborted (the contract has no other way to read; needs room for
+        one more token)."""
         n = int(self.cache.lengths([seq])[0])
         batch = self.cache.begin([seq], [1])
         try:
-            views = [self.cache.read(layer, batch).dense() for layer in range(self.L)]
-            k = torch.stack([kv.k[0, :, :n] for kv in views]).clone()  # (L, Hkv, n, D)
-            v = torch.stack([kv.v[0, :, :n] for kv in views]).clone()
+            for layer in range(self.L):
+                dense = self.cache.read(layer, batch).dense()
+                self.close_kept(dense, 0, layer, n, self.k[seq][layer], self.v[seq][layer])
         finally:
             self.cache.abort(batch)
-        return k, v
 
     def check(self, seqs=None) -> None:
         """Lengths of every sequence, and contents of `seqs` (default: every one not full)."""
@@ -213,9 +270,7 @@ class Harness:
         assert lengths.tolist() == [self.length(s) for s in self.seqs]
         for s in seqs if seqs is not None else self.seqs:
             if 0 < self.length(s) < self.capacity:
-                k, v = self.contents(s)
-                self.close(k, self.k[s])
-                self.close(v, self.v[s])
+                self.check_contents(s)
 
 
 def filled(kind: Kind, **kwargs) -> Harness:
@@ -229,7 +284,7 @@ def filled(kind: Kind, **kwargs) -> Harness:
 
 
 def test_contract_doctests():
-    result = doctest.testmod(kvlib.cache.contract)
+    result = doctest.testmod(kvlib.contract)
     assert result.attempted > 0 and result.failed == 0
 
 
@@ -262,7 +317,7 @@ def test_a_layer_write_touches_no_other_layer_or_sequence(kind):
     h.write(1, batch, k, v)  # layer 0 not written yet: its committed part must be as before
     dense = h.cache.read(0, batch).dense()
     for b, seq in enumerate([3, 1]):
-        h.close(dense.k[b, :, :h.length(seq)], h.k[seq][0])
+        h.close_kept(dense, b, 0, h.length(seq), h.k[seq][0], h.v[seq][0])
     h.cache.abort(batch)
     h.check()
 
@@ -530,14 +585,16 @@ def test_append_helper_is_one_step(kind):
 # ---------------------------------------------------------------------------------------------
 
 def _reference(naive_attention, q, dense, batch) -> torch.Tensor:
-    """Each sequence alone, on its own unpadded keys, by the naive definition (float64)."""
-    cu, ctx = batch.cu_query_lens.tolist(), batch.context_lens.tolist()
+    """Each sequence alone, on its own keys, by the naive definition (float64)."""
+    cu, ctx = batch.query_starts, batch.context_lens
     outs = []
     for b in range(batch.num_seqs):
         qb = q[cu[b]:cu[b + 1]].transpose(0, 1)[None]  # (1, H, T_b, D)
-        kb, vb = dense.k[b:b + 1, :, :ctx[b]], dense.v[b:b + 1, :, :ctx[b]]  # (1, Hkv, n, D)
+        kb, vb = dense.k[b:b + 1], dense.v[b:b + 1]  # (1, Hkv, S, D)
         pos = batch.positions[cu[b]:cu[b + 1]][None]  # (1, T_b)
-        outs.append(naive_attention(qb, kb, vb, pos, torch.tensor([ctx[b]]))[0].transpose(0, 1))
+        start = None if dense.key_start is None else dense.key_start[b:b + 1]
+        outs.append(naive_attention(qb, kb, vb, pos, torch.tensor([ctx[b]]), dense.window,
+                                    dense.sink_tokens, start)[0].transpose(0, 1))
     return torch.cat(outs)  # (N, H, D)
 
 
@@ -548,6 +605,8 @@ def _reference(naive_attention, q, dense, batch) -> torch.Tensor:
                          ids=["decode", "ragged"])
 def test_attention_over_read_equals_reference(kind, backend, H, Hkv, seq_ids, query_lens,
                                               naive_attention):
+    if kind.windows and backend not in WINDOWED_BACKENDS:
+        pytest.skip(f"{backend} refuses windowed views (tests/test_ring_cache.py checks it)")
     h = Harness(kind, num_kv_heads=Hkv, head_dim=8, capacity=12, seed=1)
     h.step([0, 1, 2, 3], [1, 1, 1, 1])
     h.step([2, 0], [3, 1])

@@ -29,14 +29,15 @@ from test_engine import check_no_leak
 from torch import nn
 
 from kvlib.cache import KVCache, KVQuantConfig, PagedKVCache, QuantizedKVCache
-from kvlib.cache.contract import PagedKV
 from kvlib.cache.quant_memory import PRESETS as QUANT_PRESETS
 from kvlib.cache.quantized import BYTE
 from kvlib.cache.ring import RingKVCache
 from kvlib.config import Layout, ModelConfig
+from kvlib.contract import PagedKV
 from kvlib.engine import BatchedInferenceEngine
 from kvlib.experiments import demo_model
-from kvlib.kernels.paged_decode_cpu import paged_decode_attention, paged_decode_attention_ref
+from kvlib.kernels.paged_decode_cpu import paged_decode_numba
+from kvlib.kernels.reference import paged_decode_ref
 from kvlib.model import Generation, TransformerLM
 from kvlib.sampling import SamplingParams
 
@@ -123,9 +124,10 @@ class Kind:
     atol: float = 0.0  # quantization error allowed on top of the dtype's (`TOL`)
 
 
-def paged(model: TransformerLM, block_size: int, window: int | None = None) -> PagedKVCache:
+def paged(model: TransformerLM, block_size: int) -> PagedKVCache:
+    # the model's windows come with its cache_config: a windowed model's cache frees blocks
     return PagedKVCache(model.cache_config(1, MAX, block_size=block_size),
-                        num_blocks=B * -(-MAX // block_size), window=window)
+                        num_blocks=B * -(-MAX // block_size))
 
 
 def quantized(model: TransformerLM, quant: KVQuantConfig, inner: str) -> QuantizedKVCache:
@@ -139,12 +141,12 @@ KINDS: dict[str, Kind] = {
     "flat-seq-major": Kind(lambda m: m.new_cache(B, MAX, Layout.SEQ_MAJOR)),
     "flat-head-major": Kind(lambda m: m.new_cache(B, MAX, Layout.HEAD_MAJOR)),
     # layer 0 a ring of W + P - 1 slots, layer 1 global: both kinds of layer
-    "ring": Kind(lambda m: RingKVCache(m.cache_config(B, MAX), m.config.layer_windows,
-                                       max_query_len=P), window=W, layers=(0,)),
+    "ring": Kind(lambda m: RingKVCache(m.cache_config(B, MAX), max_query_len=P), window=W,
+                 layers=(0,)),
     "paged-bs1": Kind(lambda m: paged(m, 1)),
     "paged-bs3": Kind(lambda m: paged(m, 3)),  # blocks that are not a power of two
     "paged-bs16": Kind(lambda m: paged(m, 16)),
-    "paged-bs4-window": Kind(lambda m: paged(m, 4, window=W), window=W),
+    "paged-bs4-window": Kind(lambda m: paged(m, 4), window=W),
     # atol: the quantization error, on top of the dtype's. On the CPU the logits stay within
     # (fp32 / bf16 / fp16) 0.07 / 0.19 / 0.09 of the fp32 reference with int8 per token,
     # 0.45 / 0.88 / 0.50 with fp8 e4m3 per tensor (3 mantissa bits; small values of a layer
@@ -165,6 +167,8 @@ def storage(cache: KVCache) -> list[torch.Tensor]:
         return storage(cache.inner)  # rows of codes and scales, as bytes
     if isinstance(cache, RingKVCache):
         return [*cache.k, *cache.v]
+    if isinstance(cache, PagedKVCache):
+        return list(cache.storage.pools)
     return [cache.data]
 
 
@@ -202,7 +206,7 @@ def test_every_cache_generates_on_the_device(name, device, dtype):
     assert out.tokens.shape == (B, N) and cache.lengths([0, 1]).tolist() == [P + N - 1] * 2
     check_placement(cache, device, dtype)
     if isinstance(cache, PagedKVCache):
-        cache.allocator.check_invariants()
+        cache.check_invariants()
     tol = {**TOL[dtype], "atol": TOL[dtype]["atol"] + kind.atol}
     if dtype == torch.float32 and not kind.atol:
         assert torch.equal(out.tokens, ref.tokens)
@@ -259,8 +263,8 @@ def test_cpu_paged_decode_kernel_is_numba_in_fp32_and_the_reference_otherwise(dt
     q = torch.randn(3, 4, D, generator=gen).to(dtype)  # (B, H, D)
     tables = torch.tensor([[5, 1, -1], [0, 2, 7], [3, -1, -1]], dtype=torch.int32)  # (B, M)
     lens = torch.tensor([6, 12, 1], dtype=torch.int32)  # (B,)
-    got = paged_decode_attention(q, k_pool, v_pool, tables, lens)
-    want = paged_decode_attention_ref(q, k_pool, v_pool, tables, lens)
+    got = paged_decode_numba(q, k_pool, v_pool, tables, lens)
+    want = paged_decode_ref(q, k_pool, v_pool, tables, lens)
     assert got.dtype == dtype and got.shape == q.shape
     if dtype == torch.float32:  # numba: another summation order
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
@@ -297,7 +301,8 @@ def test_engine_on_the_device(backend, device, dtype):
     samplings = [SamplingParams()] * 4 + [SamplingParams(temperature=1.0, seed=5)]
     engine = BatchedInferenceEngine(model, num_blocks=48, block_size=4,
                                     max_num_batched_tokens=16)
-    assert engine.cache.data.device.type == device and engine.cache.data.dtype == dtype
+    (pool,) = engine.cache.storage.pools
+    assert pool.device.type == device and pool.dtype == dtype
     result = engine.generate(prompts_, samplings, lengths, show_progress=False)
     check_no_leak(engine)
     assert result.metrics.num_prefix_hit_tokens > 0  # the shared prefix was reused

@@ -18,9 +18,9 @@ from hypothesis import strategies as st
 import kvlib.flash
 from kvlib import backends, flash
 from kvlib.attention import attention, decode_attention
-from kvlib.cache.contract import DenseKV, PagedKV, StepBatch
 from kvlib.cache.paged import PagedKVCache
 from kvlib.config import CacheConfig, ModelConfig
+from kvlib.contract import DenseKV, PagedKV, StepBatch
 from kvlib.experiments import demo_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")

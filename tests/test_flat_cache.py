@@ -16,8 +16,8 @@ import torch
 
 import kvlib.cache.flat
 from kvlib.cache import FlatKVCache
-from kvlib.cache.contract import append
 from kvlib.config import CacheConfig, Layout
+from kvlib.contract import append
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -99,7 +99,7 @@ def test_slot_mapping_is_row_times_max_seq_len_plus_position(layout):
     fill(cache, [1, 3], 2)
     fill(cache, [3], 3)  # lengths [0, 2, 0, 5]
     batch = cache.begin([3, 0, 1], [1, 3, 2])
-    assert batch.slot_mapping.tolist() == [3 * 16 + 5, 0, 1, 2, 16 + 2, 16 + 3]
+    assert batch.slot_mapping.tolist() == [[3 * 16 + 5, 0, 1, 2, 16 + 2, 16 + 3]]  # 1 group
     cache.abort(batch)
 
 

@@ -14,11 +14,12 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from kvlib.cache.contract import append
 from kvlib.cache.paged import PagedKVCache
 from kvlib.config import CacheConfig, ModelConfig
+from kvlib.contract import append
 from kvlib.experiments import demo_model, recorded_copies
-from kvlib.kernels.paged_decode_cpu import paged_decode_attention, paged_decode_attention_ref
+from kvlib.kernels.paged_decode_cpu import paged_decode_numba
+from kvlib.kernels.reference import paged_decode_ref
 
 TINY = ModelConfig(vocab_size=256, d_model=64, num_layers=2, num_heads=8, num_kv_heads=2,
                    max_seq_len=256, name="tiny")
@@ -41,25 +42,25 @@ def read_back(cache, seq_id, layer=0):
     """Everything stored for one sequence through the contract: (Hkv, S, D) keys, values."""
     n = int(cache.lengths([seq_id]))
     tables = cache.block_tables([seq_id])
-    from kvlib.cache.contract import PagedKV
+    from kvlib.contract import PagedKV
 
     dense = PagedKV(cache.k_pool(layer), cache.v_pool(layer), tables,
-                    torch.tensor([n], dtype=torch.int32)).dense()
-    return dense.k[0], dense.v[0]
+                    torch.tensor([n], dtype=torch.int32)).dense()  # (1, Hkv, M * BS, D)
+    return dense.k[0, :, :n], dense.v[0, :, :n]
 
 
 def snapshot(cache):
     return (copy.deepcopy({s: (cache.block_table(s), int(cache.lengths([s])), cache.ref_counts(s))
                            for s in cache.seq_ids}),
-            cache.allocator.num_free_blocks, cache.allocator.num_cached_blocks,
-            cache.data.clone())
+            cache.num_free_blocks, cache.manager.num_cached_blocks,
+            torch.cat([p.flatten() for p in cache.storage.pools]))
 
 
 def assert_unchanged(cache, before):
     after = snapshot(cache)
     assert after[:3] == before[:3]
     assert torch.equal(after[3], before[3])
-    cache.allocator.check_invariants()
+    cache.check_invariants()
 
 
 # -- generation through the model ---------------------------------------------------------------
@@ -101,10 +102,10 @@ def test_paged_decode_kernel_matches_reference(block_size, H, Hkv):
     lens = torch.tensor([1, block_size * M, max(1, block_size * M // 2 + 1)])
     tables[0, 1:] = -1  # a one-token sequence: the rest of its table is padding
     q = torch.randn(B, H, D, generator=gen)
-    ref = paged_decode_attention_ref(q, *pools, tables, lens)
-    torch.testing.assert_close(paged_decode_attention(q, *pools, tables, lens), ref,
+    ref = paged_decode_ref(q, *pools, tables, lens)
+    torch.testing.assert_close(paged_decode_numba(q, *pools, tables, lens), ref,
                                atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(paged_decode_attention(q.double(), pools[0].double(),
+    torch.testing.assert_close(paged_decode_numba(q.double(), pools[0].double(),
                                                       pools[1].double(), tables, lens),
                                ref.double(), atol=1e-5, rtol=1e-5)
 
@@ -114,11 +115,11 @@ def test_paged_decode_kernel_refuses_bad_shapes():
     pool = torch.zeros(4, 2, 4, 8)
     tables = torch.zeros(2, 2, dtype=torch.int32)
     with pytest.raises(ValueError, match="context_lens"):
-        paged_decode_attention(q, pool, pool, tables, torch.tensor([0, 3]))
+        paged_decode_numba(q, pool, pool, tables, torch.tensor([0, 3]))
     with pytest.raises(ValueError, match="context_lens"):
-        paged_decode_attention(q, pool, pool, tables, torch.tensor([9, 3]))
+        paged_decode_numba(q, pool, pool, tables, torch.tensor([9, 3]))
     with pytest.raises(ValueError, match="head dims"):
-        paged_decode_attention(torch.zeros(2, 4, 6), pool, pool, tables, torch.tensor([1, 1]))
+        paged_decode_numba(torch.zeros(2, 4, 6), pool, pool, tables, torch.tensor([1, 1]))
 
 
 def test_decode_step_makes_no_copy_of_the_cache(model):
@@ -150,7 +151,7 @@ def test_prefix_is_reused_while_alive_and_after_release(model):
         model.prefill(first[None], cache, [0])
         if release_first:
             cache.release([0])
-        reused = cache.reuse_prefix(1, second.tolist())
+        reused = cache.admit(1, second.tolist())
         assert reused == 64 and cache.lengths([1]).tolist() == [64]
         first_blocks = 4 if release_first else cache.block_table(0)[:4]
         if not release_first:
@@ -161,7 +162,7 @@ def test_prefix_is_reused_while_alive_and_after_release(model):
         logits = model.prefill(second[64:][None], cache, [1])
         assert set(computed) == {7}  # only the tokens after the reused blocks
         torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
-        cache.allocator.check_invariants()
+        cache.check_invariants()
 
 
 def _counting(write, computed):
@@ -179,9 +180,9 @@ def test_the_last_prompt_token_is_always_computed():
     for layer in range(2):
         cache.write(layer, batch, k[layer, 0].transpose(0, 1), v[layer, 0].transpose(0, 1))
     cache.commit(batch)
-    assert cache.reuse_prefix(1, list(range(8))) == 4  # 2 full blocks cached, 1 reused
-    assert cache.reuse_prefix(2, list(range(9))) == 8
-    assert cache.reuse_prefix(3, [0, 1, 2, 9, 4]) == 0  # differs inside the first block
+    assert cache.admit(1, list(range(8))) == 4  # 2 full blocks cached, 1 reused
+    assert cache.admit(2, list(range(9))) == 8
+    assert cache.admit(3, [0, 1, 2, 9, 4]) == 0  # differs inside the first block
 
 
 def test_parallel_sampling_stores_the_prompt_once(model):
@@ -189,18 +190,19 @@ def test_parallel_sampling_stores_the_prompt_once(model):
                          num_blocks=64)
     prompt = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(7))
     model.prefill(prompt, cache, [0])
-    prompt_blocks = cache.allocator.num_used_blocks  # 3 blocks of 16 for 40 tokens
+    prompt_blocks = cache.num_used_blocks  # 3 blocks of 16 for 40 tokens
     for child in (1, 2, 3):
         cache.fork(0, child)
-    assert cache.allocator.num_used_blocks == prompt_blocks == 3
-    pool_bytes_per_block = cache.data[:, :, 0].numel() * cache.data.element_size()
+    assert cache.num_used_blocks == prompt_blocks == 3
+    (pool,) = cache.storage.pools  # (L, 2, NB + 1, Hkv, BS, D): one group
+    pool_bytes_per_block = pool[:, :, 0].numel() * pool.element_size()
     # Each sample writes its own next token: only the shared, partly filled last block is
     # copied (copy-on-write); the two full prompt blocks stay shared by all four.
     for seq in range(4):
         model.decode_step(torch.tensor([seq]), cache, [seq])
-    assert cache.allocator.num_used_blocks == 2 + 4
+    assert cache.num_used_blocks == 2 + 4
     assert all(cache.ref_counts(s)[:2] == [4, 4] for s in range(4))
-    used = cache.allocator.num_used_blocks * pool_bytes_per_block
+    used = cache.num_used_blocks * pool_bytes_per_block
     separate = 4 * prompt_blocks * pool_bytes_per_block
     assert used < separate * 0.55  # measured: 6 blocks instead of 12
 
@@ -244,7 +246,7 @@ def test_bad_calls_raise_and_change_nothing():
         "bad ids": lambda: cache.begin([0, 0], [1, 1]),
         "bad lengths": lambda: cache.begin([0], [0]),
         "token ids of the wrong size": lambda: cache.begin([0], [2], torch.arange(3)),
-        "reuse_prefix onto an existing one": lambda: cache.reuse_prefix(0, [1, 2, 3]),
+        "admitting an existing one": lambda: cache.admit(0, [1, 2, 3]),
     }
     for name, call in calls.items():
         with pytest.raises(ValueError):
@@ -290,7 +292,7 @@ class PagedMachine(RuleBasedStateMachine):
         try:
             append(self.cache, [seq], k, v)
         except ValueError:
-            assert held + n > 30 or -(-(held + n) // 3) > self.cache.allocator.num_free_blocks \
+            assert held + n > 30 or -(-(held + n) // 3) > self.cache.num_free_blocks \
                 or True  # out of room or blocks; what matters is that nothing changed
             return
         old = self.model.get(seq)
@@ -317,7 +319,7 @@ class PagedMachine(RuleBasedStateMachine):
 
     @invariant()
     def each_sequence_reads_its_own_tokens(self):
-        self.cache.allocator.check_invariants()
+        self.cache.check_invariants()
         assert sorted(self.cache.seq_ids) == sorted(self.model)
         refs: dict[int, int] = {}
         for seq, (k, v) in self.model.items():
@@ -327,13 +329,13 @@ class PagedMachine(RuleBasedStateMachine):
                 assert torch.equal(keys, k[layer]) and torch.equal(values, v[layer])
             for block in self.cache.block_table(seq):
                 refs[block] = refs.get(block, 0) + 1
-        for block in self.cache.allocator.blocks:
+        for block in self.cache.manager.allocators[0].blocks:
             assert block.ref_count == refs.get(block.block_id, 0)
 
     def teardown(self):
         if self.model:
             self.cache.release(list(self.model))
-        assert self.cache.allocator.num_free_blocks == self.cache.num_blocks  # no leak
+        assert self.cache.num_free_blocks == self.cache.num_blocks  # no leak
 
 
 TestPagedInterleavings = PagedMachine.TestCase
@@ -347,10 +349,10 @@ def test_generate_out_of_blocks_keeps_its_error_and_frees_everything(model):
     prompt = torch.arange(20)[None]
     with pytest.raises(ValueError, match="out of blocks"):
         model.generate(prompt, 40, cache=cache)  # 20 + 39 tokens need 4 blocks of 16
-    assert cache.seq_ids == [] and cache.allocator.num_free_blocks == 3
+    assert cache.seq_ids == [] and cache.num_free_blocks == 3
     with pytest.raises(ValueError, match="out of blocks"):
         model.generate(torch.arange(60)[None], 2, cache=cache)  # the prompt alone: 4 blocks
-    assert cache.seq_ids == [] and cache.allocator.num_free_blocks == 3
+    assert cache.seq_ids == [] and cache.num_free_blocks == 3
 
 
 def test_model_cache_config_fits_any_cache_kind(model):

@@ -80,7 +80,7 @@ def test_draw_pool_fills_slots_and_labels_reference_counts(ax):
     assert len(slots) == 6 * 4
     assert sum(filled for _, filled in slots) == 4 + 4 + 1 + 2 + 4  # blocks 0, 1, 2, 4; cached 5
     texts = [t.get_text() for t in ax.texts]
-    for label in ("ref 2", "ref 1", "free", "cached", "#5", "2→#4", "seq 1 (10 tokens)"):
+    for label in ("ref 2", "ref 1", "free", "cached", "#5", "2→#4", "seq 1\n10 tokens"):
         assert label in texts
     assert texts.count("ref 2") == 2 and texts.count("ref 1") == 2
     outlines = [p for p in ax.patches if isinstance(p, Rectangle) and p.get_width() == 4
@@ -127,7 +127,7 @@ def test_paged_scenario_matches_the_hand_worked_tables():
     assert [sorted(s.copied) for s in snaps] == [[]] * 5 + [[4]] + [[]] * 4
     assert [b for b, c in enumerate(snaps[8].cached) if c] == [0, 1]
     assert snaps[3].lengths == {0: 9, 1: 11} and snaps[6].lengths[0] == 10
-    cache.allocator.check_invariants()
+    cache.check_invariants()
     assert _read_back(cache, 3) == list(range(1, 9)) + [40, 41, 42]
 
 
@@ -147,8 +147,8 @@ def test_every_sequence_reads_back_its_own_tokens_at_every_step():
         act(cache)
         for seq_id, tokens in expected.get(step, {}).items():
             assert _read_back(cache, seq_id) == tokens, (step, seq_id)
-        cache.allocator.check_invariants()
-    assert cache.allocator.num_free_blocks == pw.SCENARIO_NUM_BLOCKS - 3
+        cache.check_invariants()
+    assert cache.num_free_blocks == pw.SCENARIO_NUM_BLOCKS - 3
 
 
 def test_admit_with_prefix_reports_the_reused_tokens():
@@ -255,3 +255,12 @@ def test_the_chapters_simulator_widget_stays_light():
               for s in mid.children]
     assert len(tables) == 36 and all(isinstance(t, W.HTML) for t in tables)
     assert sum(len(t.value) for t in tables) < 200_000  # a few kB per state
+
+
+def test_draw_group_tables_hatches_the_null_block_entries(ax):
+    tables = {"windowed": [9, 9, 3, 4], "global": [0, 1, 2, 5]}
+    pviz.draw_group_tables(ax, tables, {"windowed": 9, "global": 9}, block_size=8)
+    hatched = [p for p in ax.patches if p.get_hatch()]
+    assert len(ax.patches) == 8 and len(hatched) == 2  # the windowed group's two freed entries
+    labels = [t.get_text() for t in ax.texts]
+    assert "windowed\n2 of 4 held" in labels and "global\n4 of 4 held" in labels

@@ -1,5 +1,5 @@
 """Caches for sliding windows: RingKVCache keeps W + max_query_len - 1 keys per windowed
-layer; PagedKVCache(window=W) frees the blocks that leave the window.
+layer; a PagedKVCache whose config has the model's windows frees the blocks that leave them.
 
 The reference is the flat cache, which keeps every key and lets the attention mask hide the
 old ones: both must give the same outputs while storing far less.
@@ -15,11 +15,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from kvlib.cache.contract import append
 from kvlib.cache.flat import FlatKVCache
 from kvlib.cache.paged import PagedKVCache
 from kvlib.cache.ring import RingKVCache
 from kvlib.config import CacheConfig, ModelConfig
+from kvlib.contract import append
 from kvlib.model import TransformerLM
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -97,7 +97,7 @@ def test_ragged_batches_of_two_sequences_match_flat(schedule, window):
 
 def small_ring(window: int = 3, max_query_len: int = 2) -> RingKVCache:
     return RingKVCache(CacheConfig(num_layers=2, num_kv_heads=1, head_dim=2, max_batch_size=2,
-                                   max_seq_len=16), windows=[window, None],
+                                   max_seq_len=16, layer_windows=(window, None)),
                        max_query_len=max_query_len)
 
 
@@ -139,9 +139,12 @@ def test_no_room_and_bad_ids_are_refused():
         cache.begin([0], [2])
     with pytest.raises(ValueError, match="out of range"):
         cache.lengths([2])
-    with pytest.raises(ValueError, match="2 windows for 1 layers"):
+    with pytest.raises(ValueError, match="layer_windows has 2 entries for 1 layers"):
+        CacheConfig(num_layers=1, num_kv_heads=1, head_dim=2, max_batch_size=1,
+                    max_seq_len=4, layer_windows=(2, 2))
+    with pytest.raises(ValueError, match="sink token"):
         RingKVCache(CacheConfig(num_layers=1, num_kv_heads=1, head_dim=2, max_batch_size=1,
-                                max_seq_len=4), windows=[2, 2])
+                                max_seq_len=4, layer_windows=(2,), sink_tokens=1))
 
 
 def test_fork_copies_the_ring_and_release_empties_the_slot():
@@ -172,7 +175,7 @@ def test_storage_is_capped_by_the_window():
 def windowed_paged(model, num_blocks: int = 64, block_size: int = 4) -> PagedKVCache:
     cfg = CacheConfig.for_model(model.config, max_batch_size=2, max_seq_len=128,
                                 block_size=block_size)
-    return PagedKVCache(cfg, num_blocks=num_blocks, window=model.config.sliding_window)
+    return PagedKVCache(cfg, num_blocks=num_blocks)  # the config carries the model's windows
 
 
 @settings(max_examples=30)
@@ -189,13 +192,14 @@ def test_paged_window_frees_blocks_and_matches_flat(schedule, window):
         want = model.packed_hidden_states(ids, [a, b], flat, [0, 1])
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
         for seq, length in zip((0, 1), paged.lengths([0, 1]).tolist()):
-            live = [i for i, block in enumerate(paged.block_table(seq)) if block >= 0]
+            null = paged.manager.null_block(0)
+            live = [i for i, block in enumerate(paged.block_table(seq)) if block != null]
             # exactly the blocks holding positions length - W + 1 .. length - 1 stay
             first = max(length - window + 1, 0) // 4
             assert live == list(range(first, -(-length // 4)))
-    paged.allocator.check_invariants()
+    paged.check_invariants()
     paged.release([0, 1])
-    assert paged.allocator.num_free_blocks == paged.num_blocks
+    assert paged.num_free_blocks == paged.num_blocks
 
 
 def test_a_long_generation_holds_a_window_of_blocks():
@@ -204,7 +208,7 @@ def test_a_long_generation_holds_a_window_of_blocks():
     prompt = tokens(4, seed=2)
     flat = model.generate(prompt, 100, cache=model.new_cache(1, 128)).tokens
     assert model.generate(prompt, 100, cache=paged).tokens.tolist() == flat.tolist()
-    assert paged.allocator.num_used_blocks <= 3  # ceil((8 - 1) / 4) + 1
+    assert paged.num_used_blocks <= 3  # ceil((8 - 1) / 4) + 1
 
 
 def test_forked_windowed_sequences_share_then_free():
@@ -212,18 +216,18 @@ def test_forked_windowed_sequences_share_then_free():
     paged = windowed_paged(model, num_blocks=16)
     model(tokens(10), paged, [0])
     paged.fork(0, 1)
-    assert paged.block_table(1) == paged.block_table(0) and paged.block_table(0)[0] == -1
+    null = paged.manager.null_block(0)
+    assert paged.block_table(1) == paged.block_table(0) and paged.block_table(0)[0] == null
     model(tokens(6, seed=9), paged, [1])  # the fork moves on; its old blocks leave its window
-    paged.allocator.check_invariants()
+    paged.check_invariants()
     paged.release([0, 1])
-    assert paged.allocator.num_free_blocks == 16
+    assert paged.num_free_blocks == 16
 
 
 def test_window_must_be_positive():
-    cfg = CacheConfig(num_layers=1, num_kv_heads=1, head_dim=2, max_batch_size=1,
-                      max_seq_len=8, block_size=4)
-    with pytest.raises(ValueError, match="window must be an int >= 1"):
-        PagedKVCache(cfg, num_blocks=2, window=0)
+    with pytest.raises(ValueError, match="layer_windows entry must be a positive int"):
+        CacheConfig(num_layers=1, num_kv_heads=1, head_dim=2, max_batch_size=1,
+                    max_seq_len=8, block_size=4, layer_windows=(0,))
 
 
 def test_a_backend_without_windows_refuses_a_windowed_layer():

@@ -28,16 +28,18 @@ from collections.abc import Sequence
 
 import torch
 
-from kvlib.cache.contract import DenseKV, StepBatch
 from kvlib.cache.slots import SlotTable
 from kvlib.checks import require_int
 from kvlib.config import CacheConfig, Layout
+from kvlib.contract import DenseKV, StepBatch
 
 
 class FlatKVCache:
     """A preallocated cache of `max_batch_size` slots x `max_seq_len` tokens per layer.
 
-    Implements the `KVCache` contract (kvlib.cache.contract).
+    Implements the `KVCache` contract (kvlib.contract). It keeps every position of every
+    layer, so it serves windowed layers too: their views carry the window, attention hides
+    what it passed.
     """
 
     def __init__(self, config: CacheConfig) -> None:
@@ -67,7 +69,8 @@ class FlatKVCache:
 
     # -- the cache contract -------------------------------------------------------------------
     def lengths(self, seq_ids: Sequence[int]) -> torch.Tensor:
-        return self._slots.lengths[self._slots.rows(seq_ids)].clone()  # (B,)
+        return torch.tensor([self._slots.lengths[r] for r in self._slots.row_ids(seq_ids)],
+                            dtype=torch.int64)  # (B,)
 
     def begin(self, seq_ids: Sequence[int], query_lens: Sequence[int],
               token_ids: torch.Tensor | None = None) -> StepBatch:
@@ -75,8 +78,8 @@ class FlatKVCache:
 
         >>> cache = FlatKVCache(CacheConfig(num_layers=1, num_kv_heads=1, head_dim=2,
         ...                                 max_batch_size=4, max_seq_len=10))
-        >>> cache.begin([2], [3]).slot_mapping.tolist()   # slot 2, positions 0..2
-        [20, 21, 22]
+        >>> cache.begin([2], [3]).slot_mapping.tolist()   # slot 2, positions 0..2 (1 group)
+        [[20, 21, 22]]
         """
         return self._slots.begin(seq_ids, query_lens, self.config.device)
 
@@ -90,14 +93,15 @@ class FlatKVCache:
     def read(self, layer: int, batch: StepBatch) -> DenseKV:
         self._slots.check_read(self.config, layer, batch)
         rows = list(batch.seq_ids)
-        S = int(batch.context_lens.max())
+        S = max(batch.context_lens)
         keys, values = self.keys(layer), self.values(layer)  # (B_max, Hkv, S_max, D)
-        lens = batch.context_lens.to(self.config.device)  # (B,)
+        lens, which = self._slots.context_lens, (self.config.window(layer),
+                                                  self.config.sink_tokens)
         if rows == list(range(rows[0], rows[0] + len(rows))):  # consecutive slots: a view
             sl = slice(rows[0], rows[0] + len(rows))
-            return DenseKV(keys[sl, :, :S], values[sl, :, :S], lens)  # (B, Hkv, S, D)
-        index = torch.tensor(rows, device=keys.device)
-        return DenseKV(keys[index, :, :S], values[index, :, :S], lens)  # gathered copy
+            return DenseKV(keys[sl, :, :S], values[sl, :, :S], lens, *which)  # (B, Hkv, S, D)
+        index = self._slots.rows  # (B,)
+        return DenseKV(keys[index, :, :S], values[index, :, :S], lens, *which)  # gathered copy
 
     def commit(self, batch: StepBatch) -> None:
         self._slots.commit(batch)
@@ -108,7 +112,7 @@ class FlatKVCache:
     def fork(self, src: int, dst: int) -> None:
         """Copy slot `src`'s tokens into the empty slot `dst` (a flat cache cannot share)."""
         src_row, dst_row = self._slots.fork_rows(src, dst)
-        n = int(self._slots.lengths[src_row])
+        n = self._slots.lengths[src_row]
         for layer in range(self.num_layers):
             self.keys(layer)[dst_row, :, :n] = self.keys(layer)[src_row, :, :n]
             self.values(layer)[dst_row, :, :n] = self.values(layer)[src_row, :, :n]

@@ -14,9 +14,9 @@ The same inequality makes `abort` free: the overwritten keys are ones no later s
 Worked example: W = 4, max_query_len = 1, so C = 4. After 10 tokens the ring holds
 positions 8, 9, 6, 7 in slots 0..3; `read` hands attention positions 6..9 in order.
 
->>> from kvlib.cache.contract import append
+>>> from kvlib.contract import append
 >>> cache = RingKVCache(CacheConfig(num_layers=1, num_kv_heads=1, head_dim=2,
-...                                 max_batch_size=1, max_seq_len=64), windows=[4])
+...                                 max_batch_size=1, max_seq_len=64, layer_windows=(4,)))
 >>> cache.capacities
 [4]
 >>> for p in range(10):
@@ -37,27 +37,24 @@ from collections.abc import Sequence
 
 import torch
 
-from kvlib.cache.contract import DenseKV, StepBatch, check_query_lens
 from kvlib.cache.slots import SlotTable
 from kvlib.checks import require_int
 from kvlib.config import CacheConfig, ModelConfig
+from kvlib.contract import DenseKV, StepBatch, check_query_lens
 
 
 class RingKVCache:
     """`max_batch_size` slots; layer l keeps `capacities[l]` positions per slot, in a ring.
 
-    Implements the `KVCache` contract (kvlib.cache.contract). Storage per layer is head-major,
+    Implements the `KVCache` contract (kvlib.contract). Storage per layer is head-major,
     (B, Hkv, C_l, D) for K and for V.
     """
 
-    def __init__(self, config: CacheConfig, windows: Sequence[int | None],
-                 max_query_len: int = 1) -> None:
-        windows = list(windows)
-        if len(windows) != config.num_layers:
-            raise ValueError(f"{len(windows)} windows for {config.num_layers} layers")
-        for w in windows:
-            if w is not None:
-                require_int("each window", w, minimum=1)
+    def __init__(self, config: CacheConfig, max_query_len: int = 1) -> None:
+        if config.sink_tokens:
+            raise ValueError(f"a ring keeps only the last W keys, not {config.sink_tokens} sink "
+                             f"token(s): use a PagedKVCache or a FlatKVCache for sinks")
+        windows = [config.window(layer) for layer in range(config.num_layers)]
         self.max_query_len = require_int("max_query_len", max_query_len, minimum=1)
         self.config, self.windows = config, windows
         S = config.max_seq_len
@@ -75,8 +72,7 @@ class RingKVCache:
                   max_query_len: int = 1, **kwargs) -> RingKVCache:
         """A ring cache with the model's shape and per-layer windows."""
         return cls(CacheConfig.for_model(model, max_batch_size=max_batch_size,
-                                         max_seq_len=max_seq_len, **kwargs),
-                   model.layer_windows, max_query_len)
+                                         max_seq_len=max_seq_len, **kwargs), max_query_len)
 
     @property
     def num_layers(self) -> int:
@@ -89,7 +85,8 @@ class RingKVCache:
 
     # -- the cache contract -------------------------------------------------------------------
     def lengths(self, seq_ids: Sequence[int]) -> torch.Tensor:
-        return self._slots.lengths[self._slots.rows(seq_ids)].clone()  # (B,)
+        return torch.tensor([self._slots.lengths[r] for r in self._slots.row_ids(seq_ids)],
+                            dtype=torch.int64)  # (B,)
 
     def begin(self, seq_ids: Sequence[int], query_lens: Sequence[int],
               token_ids: torch.Tensor | None = None) -> StepBatch:
@@ -97,11 +94,13 @@ class RingKVCache:
         note), within `max_seq_len` positions. Slot mapping: row * max_seq_len + position
         (each layer then takes the position modulo its capacity)."""
         lens = check_query_lens(query_lens, len(list(seq_ids)))
+        batch = self._slots.begin(seq_ids, lens, self.config.device)  # no room: raises here
         if max(lens) > self.max_query_len:
+            self._slots.abort(batch)
             raise ValueError(f"a step of {max(lens)} tokens exceeds max_query_len "
                              f"{self.max_query_len}: its writes would overwrite keys its own "
                              f"first queries read; feed the prompt in chunks")
-        return self._slots.begin(seq_ids, lens, self.config.device)
+        return batch
 
     def write(self, layer: int, batch: StepBatch, k: torch.Tensor, v: torch.Tensor) -> None:
         rows, pos = self._slots.check_write(self.config, layer, batch, k, v)  # (N,), (N,)
@@ -115,17 +114,17 @@ class RingKVCache:
         gather of at most C keys per row (a kernel would index the ring in place)."""
         self._slots.check_read(self.config, layer, batch)
         C, device = self.capacities[layer], self.config.device
-        rows = torch.tensor(batch.seq_ids, device=device)  # (B,)
-        lens = batch.context_lens.to(device)  # (B,)
+        rows, lens = self._slots.rows, self._slots.context_lens  # (B,), (B,)
+        window = self.windows[layer]
         if C == self.config.max_seq_len:
-            S = int(batch.context_lens.max())
-            return DenseKV(self.k[layer][rows, :, :S], self.v[layer][rows, :, :S], lens)
-        n = min(int(batch.context_lens.max()), C)
+            S = max(batch.context_lens)
+            return DenseKV(self.k[layer][rows, :, :S], self.v[layer][rows, :, :S], lens, window)
+        n = min(max(batch.context_lens), C)
         starts = (lens - C).clamp(min=0)  # (B,) oldest position each ring still holds
         ring = (starts[:, None] + torch.arange(n, device=device)) % C  # (B, n)
         k = self.k[layer][rows[:, None], :, ring]  # (B, n, Hkv, D)
         v = self.v[layer][rows[:, None], :, ring]
-        return DenseKV(k.transpose(1, 2), v.transpose(1, 2), lens,  # (B, Hkv, n, D)
+        return DenseKV(k.transpose(1, 2), v.transpose(1, 2), lens, window,  # (B, Hkv, n, D)
                        key_start=starts)
 
     def commit(self, batch: StepBatch) -> None:

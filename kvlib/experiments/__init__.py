@@ -17,9 +17,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from kvlib.attention import decode_attention
 from kvlib.bench import Timing, measure, progress
-from kvlib.cache.contract import append
 from kvlib.cache.flat import FlatKVCache
 from kvlib.config import CacheConfig, Layout, ModelConfig
+from kvlib.contract import append
 from kvlib.model import TransformerLM
 
 # The random-weight model the chapters and benchmarks time: Llama-shaped (GQA, SwiGLU),
@@ -81,6 +81,39 @@ def decode_timings(model: TransformerLM, context_lens: Sequence[int], *, batch_s
         cached[s] = time_decode_step(model, s, cached=True, **kwargs)
         uncached[s] = time_decode_step(model, s, cached=False, **kwargs)
     return DecodeTimings(cached=cached, uncached=uncached)
+
+
+@dataclass(frozen=True)
+class PathAgreement:
+    """Cached against uncached generation of the same prompts, step by step.
+
+    `max_logit_gap` is the largest |cached - uncached| logit over the steps both runs reached
+    with the same tokens so far (after a different token, the two continue different texts);
+    `diverged_at[i]` is the first step where prompt i's tokens differ, or None.
+    """
+
+    max_logit_gap: float
+    logit_spread: float  # largest logit minus smallest, for scale
+    diverged_at: tuple[int | None, ...]
+
+
+@torch.no_grad()
+def cached_vs_uncached(model: TransformerLM, prompts: torch.Tensor,
+                       new_tokens: int) -> PathAgreement:
+    """Generate greedily from each row of `prompts` (B, P) with and without a cache."""
+    plain = model.generate(prompts, new_tokens)  # (B, N) tokens, (B, N, V) logits
+    cache = model.new_cache(prompts.shape[0], prompts.shape[1] + new_tokens)
+    cached = model.generate(prompts, new_tokens, cache=cache)
+    gap, diverged = 0.0, []
+    for b in range(prompts.shape[0]):
+        differ = (plain.tokens[b] != cached.tokens[b]).nonzero().flatten().tolist()
+        first = differ[0] if differ else None
+        same_prefix = slice(0, new_tokens if first is None else first + 1)  # (steps,)
+        diff = plain.logits[b, same_prefix].float() - cached.logits[b, same_prefix].float()
+        gap = max(gap, float(diff.abs().max()))
+        diverged.append(first)
+    logits = plain.logits.float()
+    return PathAgreement(gap, float(logits.max() - logits.min()), tuple(diverged))
 
 
 def filled_flat_cache(config: CacheConfig, context_lens: Sequence[int],

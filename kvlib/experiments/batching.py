@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from kvlib.bench import Timing, measure
+from kvlib.cache.quant_memory import KVQuantConfig, row_layout
 from kvlib.config import ModelConfig
 from kvlib.engine import BatchedInferenceEngine, EngineMetrics, RequestOutput
 from kvlib.hf import kvlib_name
@@ -103,6 +104,34 @@ def hf_generate(hf, requests: RequestSet, batch_size: int) -> list[list[int]]:
                           eos_token_id=None)  # (B, P + M)
         outs += [gen[i, P:P + n].tolist() for i, n in enumerate(lengths)]
     return outs
+
+
+@torch.no_grad()
+def hf_continuous(hf, requests: RequestSet, *, num_blocks: int, block_size: int = 16,
+                  max_batch_tokens: int = 512) -> list[list[int]]:
+    """Greedy outputs of transformers' own continuous batching (`ContinuousBatchingManager`:
+    a paged cache of `num_blocks` pages of `block_size` tokens, chunked prefill within
+    `max_batch_tokens`, attention as the model's implementation, SDPA here), every request
+    with its own `max_new_tokens`, in the order given."""
+    from transformers import GenerationConfig
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+    gen = GenerationConfig(do_sample=False, max_new_tokens=max(requests.max_new_tokens),
+                           eos_token_id=-1, pad_token_id=0)
+    cb = ContinuousBatchingConfig(page_size=block_size, num_blocks=num_blocks,
+                                  max_batch_tokens=max_batch_tokens, auto_switch_to_flash=False)
+    results = {}
+    with hf.continuous_batching_context_manager(generation_config=gen, warmup=False,
+                                                continuous_batching_config=cb) as manager:
+        ids = [manager.add_request(list(p), max_new_tokens=n)
+               for p, n in zip(requests.prompts, requests.max_new_tokens)]
+        while len(results) < len(ids):
+            result = manager.get_result(timeout=60)
+            if result is None:
+                raise RuntimeError("transformers' continuous batching stopped before finishing")
+            if result.is_finished():
+                results[result.request_id] = result
+    return [list(results[i].generated_tokens) for i in ids]
 
 
 @dataclass(frozen=True)
@@ -230,6 +259,26 @@ def time_schedules(model: TransformerLM, requests: RequestSet, *, batch_size: in
                          [o.ttft_s for o in static.outputs], [o.ttft_s for o in cont.outputs],
                          [o.latency_s for o in static.outputs],
                          [o.latency_s for o in cont.outputs])
+
+
+def cache_bytes_per_block(model: TransformerLM, block_size: int,
+                          quant: KVQuantConfig | None = None) -> int:
+    """Bytes one block of the engine's cache takes, every layer, K and V: values in the
+    model's dtype, or rows of codes and scales when `quant` is given.
+
+    >>> from kvlib.cache.quantize import QuantScheme
+    >>> tiny = tiny_model()      # 1 layer, 1 KV head of 16, fp32
+    >>> int8 = QuantScheme("int8", "token")
+    >>> cache_bytes_per_block(tiny, 8), cache_bytes_per_block(tiny, 8, KVQuantConfig(int8, int8))
+    ...                                 # 16 codes + an fp16 scale per row
+    (1024, 288)
+    """
+    cfg = model.config
+    if quant is None:
+        row = cfg.head_dim * model.embed.weight.element_size()
+    else:
+        row = max(row_layout(s, cfg.head_dim).row_bytes for s in (quant.keys, quant.values))
+    return cfg.num_layers * 2 * cfg.num_kv_heads * block_size * row
 
 
 def static_utilization(max_new_tokens: Sequence[int], batch_size: int) -> float:

@@ -26,7 +26,7 @@ from torch.profiler import ProfilerActivity, profile
 from kvlib import flash
 from kvlib.attention import causal_attention
 from kvlib.bench import Timing, measure, progress
-from kvlib.cache.contract import PagedKV
+from kvlib.contract import PagedKV
 
 PATHS = ("naive", "chunked", "sdpa")
 # What bench/flash.py and the chapter measure: one sequence, GQA 4:1, modest heads so that

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from kvlib.cache.contract import KVCache
 from kvlib.cache.paged import PagedKVCache
 from kvlib.cache.ring import RingKVCache
 from kvlib.config import CacheConfig, Layout
+from kvlib.contract import KVCache
 from kvlib.model import TransformerLM
 
 # SmolLM2-135M's shape, shrunk: its head_dim (64), its 3:1 query-to-KV-head ratio, tied
@@ -101,7 +101,8 @@ def cache_kinds(model: TransformerLM, batch_size: int, max_seq_len: int,
 
     The ring cache keeps `max_query_len` - 1 keys beyond each window (a prompt is fed in one
     step of that many tokens); on a model without windows it keeps everything, as flat does.
-    The paged cache frees blocks that leave the window when every layer has the same one.
+    The paged cache has a block table per group of layers with the same window, and frees
+    the blocks each window has passed.
     """
     caches: dict[str, KVCache] = {
         f"flat, {layout.value}": model.new_cache(batch_size, max_seq_len, layout)
@@ -110,12 +111,9 @@ def cache_kinds(model: TransformerLM, batch_size: int, max_seq_len: int,
     config = CacheConfig.for_model(model.config, max_batch_size=batch_size,
                                    max_seq_len=max_seq_len, dtype=weight.dtype,
                                    device=weight.device)
-    caches["ring (sliding windows)"] = RingKVCache(config, model.config.layer_windows,
-                                                   max_query_len)
-    windows = set(model.config.layer_windows)
+    caches["ring (sliding windows)"] = RingKVCache(config, max_query_len)
     caches["paged"] = PagedKVCache(
-        config, num_blocks=batch_size * -(-max_seq_len // config.block_size),
-        window=windows.pop() if len(windows) == 1 else None)
+        config, num_blocks=batch_size * -(-max_seq_len // config.block_size))
     return caches
 
 

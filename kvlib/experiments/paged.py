@@ -20,10 +20,10 @@ from torch.nn import functional as F
 
 from kvlib import backends
 from kvlib.bench import Timing, measure
-from kvlib.cache.contract import StepBatch, append
 from kvlib.cache.flat import FlatKVCache
 from kvlib.cache.paged import PagedKVCache
 from kvlib.config import CacheConfig, Layout
+from kvlib.contract import StepBatch, append
 
 
 def same_contents(batch_size: int, context_len: int, *, num_kv_heads: int = 8,

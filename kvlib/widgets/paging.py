@@ -60,7 +60,7 @@ def feed(cache: PagedKVCache, seq_id: int, token_ids: Iterable[int]) -> None:
 def admit_with_prefix(cache: PagedKVCache, seq_id: int, prompt: Sequence[int]) -> int:
     """Admit `seq_id` reusing the cached blocks its prompt starts with, feed the rest;
     return how many prompt tokens were reused."""
-    reused = cache.reuse_prefix(seq_id, prompt)
+    reused = cache.admit(seq_id, prompt)
     feed(cache, seq_id, prompt[reused:])
     return reused
 
@@ -70,7 +70,8 @@ def cache_snapshot(cache: PagedKVCache, caption: str = "",
     """A real cache as drawn: its block tables, lengths, and the allocator's reference counts
     and cached free blocks. Blocks that replaced another at the same place of a table since
     `before` (seq_id -> block table) are marked as copied on write."""
-    blocks = cache.allocator.blocks
+    (allocator,) = cache.manager.allocators  # one cache group: every layer alike
+    blocks = allocator.blocks
     tables = {s: cache.block_table(s) for s in cache.seq_ids}
     lengths = {s: int(cache.lengths([s])[0]) for s in cache.seq_ids}
     copied = [b for s, t in tables.items() if before and s in before
@@ -94,11 +95,13 @@ def paged_scenario() -> tuple[list[pviz.PoolSnapshot], PagedKVCache]:
     return snaps, cache
 
 
-def scenario_widget(snapshots: Sequence[pviz.PoolSnapshot], width: float = 9.0) -> W.VBox:
-    """A step slider over `snapshots`, each state the pool and block tables at that step."""
+def scenario_widget(snapshots: Sequence[pviz.PoolSnapshot], width: float = 7.0) -> W.VBox:
+    """A step slider over `snapshots`, each state the pool and block tables at that step,
+    every one drawn at the size of the step with the most sequences."""
     if not snapshots:
         raise ValueError("scenario_widget needs at least one snapshot")
-    return live(lambda step: pviz.pool_figure(snapshots[step], width=width),
+    rows = max(len(s.block_tables) for s in snapshots)
+    return live(lambda step: pviz.pool_figure(snapshots[step], width=width, max_rows=rows),
                 step=list(range(len(snapshots))))
 
 
@@ -108,14 +111,13 @@ def simulator_figure(distribution: str, max_len: int, block_size: int, *,
     """One simulator state: utilization per scheme, and requests fitting in `budget` slots."""
     requests = fr.sample_requests(distribution, num_requests, max_len, seed=seed)
     results = fr.simulate(requests, max_len=max_len, block_size=block_size, budget=budget)
-    fig, (left, right) = plt.subplots(1, 2, figsize=(8, 2.6),
+    fig, (left, right) = plt.subplots(1, 2, figsize=(7.0, 3.2),
                                       gridspec_kw={"width_ratios": [3, 2]})
     pviz.plot_scheme_bars(left, results)
     pviz.plot_fits(right, results, budget)
     lens = requests.total_lens
     fig.suptitle(f"{distribution}: mean {lens.mean():.0f} tokens (prompt + output), max_len "
-                 f"{max_len:,}, paged blocks of {block_size}", fontsize=9)
-    fig.tight_layout()
+                 f"{max_len:,}, paged blocks of {block_size}")
     return fig
 
 

@@ -1,10 +1,11 @@
-"""The cache contract: how an attention layer and an engine talk to any KV cache.
+"""The cache contract: how an attention layer, a scheduler and a kernel talk to any KV cache.
 
-Every cache in kvlib (flat, paged, quantized) implements this one small interface, so the
-model and the engine run unchanged on any of them. Writing and attending are two acts: the
-cache stores new keys and values where they belong (through a `slot_mapping`), then hands
-attention what it needs to read them *in place* -- views for a flat cache, block tables for a
-paged one -- instead of a padded copy of everything.
+Every cache in kvlib (flat, ring, paged, quantized) implements `KVCache`, so the model runs
+unchanged on any of them. Writing and attending are two acts: the cache stores new keys and
+values where they belong (through a `slot_mapping`), then hands attention what it needs to
+read them *in place* -- views for a flat cache, block tables for a paged one -- instead of a
+padded copy of everything. This module sits below the caches, the kernels and the backends,
+so each of them imports it and none imports another upward.
 
 A forward pass over the new tokens of B sequences, packed into N = sum(query_lens) tokens:
 
@@ -18,64 +19,72 @@ A forward pass over the new tokens of B sequences, packed into N = sum(query_len
 
 NOTE: lengths move only in `commit`, after every layer has written, so all layers of one step
 write the same positions and a step that fails halfway commits nothing. Lengths are stored
-by the cache, never inferred from tensor contents, and attention takes them from the cache
-(`context_lens`), never from query positions.
+by the cache, never inferred from tensor contents.
 
-Sequences have a lifecycle: `begin` admits a sequence the cache does not hold yet (room is
-checked before any compute), later steps extend it, `fork` shares it with a new id, and
-`release` frees it. A flat cache's ids are its batch slots; a paged cache's are any ints.
+Host and device. A step's bookkeeping (`seq_ids`, `query_lens`, `context_lens`) is plain
+Python ints, known on the host; what kernels need (`positions`, `slot_mapping`, the views'
+`context_lens` and block tables) is tensors on the cache's device. Nothing that builds or
+runs a step reads a device tensor back into Python: on a GPU each such read waits for every
+queued kernel (tests/test_engine_syncs.py counts them).
 
-A call that cannot be done (unknown sequence, no room, wrong shape, dtype or device) raises
-ValueError naming what was expected and what was given, and leaves the cache as it was.
+Which keys a layer reads -- its sliding window W and its sink tokens -- travel in the view
+(`DenseKV.window`, `PagedKV.sink_tokens`), set by the cache from its `CacheConfig`; attention
+takes them from there and nowhere else, and the model refuses a cache whose windows are not its
+layers' (`kvlib.cache.groups.check_cache_matches`).
 
 Worked example: two sequences holding 5 and 2 tokens feed 1 and 3 new tokens.
 
 >>> b = StepBatch.make([7, 9], starts=[5, 2], query_lens=[1, 3],
-...                    slot_mapping=torch.tensor([5, 18, 19, 20]), step=0)
->>> b.positions.tolist(), b.context_lens.tolist(), b.cu_query_lens.tolist()
-([5, 2, 3, 4], [6, 5], [0, 1, 4])
->>> b.token_rows.tolist()          # which sequence each packed token belongs to
-[0, 1, 1, 1]
+...                    slot_mapping=torch.tensor([[5, 18, 19, 20]]), step=0)
+>>> b.positions.tolist(), b.context_lens, b.cu_query_lens.tolist()
+([5, 2, 3, 4], (6, 5), [0, 1, 4])
+>>> b.query_starts, b.uniform_len       # on the host: rows cu[b] .. cu[b+1]-1 are sequence b's
+((0, 1, 4), None)
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Protocol, runtime_checkable
 
 import torch
 
 from kvlib.checks import require_int
+from kvlib.config import CacheConfig
 
 
 @dataclass(frozen=True)
 class StepBatch:
     """One forward pass's new tokens, packed: N tokens of B sequences, in order.
 
-    A rectangular (B, T) batch is the special case where every query length is T.
+    A rectangular (B, T) batch is the special case where every query length is T. The
+    slot mapping has one row per cache group (a paged cache keeps a block table per group of
+    layers; every other cache has one group).
     """
 
     seq_ids: tuple[int, ...]  # (B,) the sequences, as the cache names them
-    query_lens: torch.Tensor  # (B,) int64, CPU: new tokens per sequence, each >= 1
-    context_lens: torch.Tensor  # (B,) int64, CPU: keys per sequence once this step is stored
-    positions: torch.Tensor  # (N,) int64: absolute position of each new token
-    slot_mapping: torch.Tensor  # (N,) int64: where each new token's K and V are stored
+    query_lens: tuple[int, ...]  # (B,) host: new tokens per sequence, each >= 1
+    context_lens: tuple[int, ...]  # (B,) host: keys per sequence once this step is stored
+    positions: torch.Tensor  # (N,) int64 on the device: absolute position of each new token
+    slot_mapping: torch.Tensor  # (G, N) int64 on the device: where each token goes, per group
+    # (< 0: not at a slot of this cache; a quantized cache keeps new tokens in its residual)
+    cu_query_lens: torch.Tensor  # (B+1,) int32 on the device: sequence b is rows cu[b]..cu[b+1]-1
     step: int  # the cache's number for this step: writes and commits are checked against it
 
     @staticmethod
     def make(seq_ids: Sequence[int], starts: Sequence[int], query_lens: Sequence[int],
              slot_mapping: torch.Tensor, step: int) -> StepBatch:
-        """Positions start[b] .. start[b] + query_lens[b] - 1 for each sequence b."""
-        starts_t = torch.as_tensor(list(starts), dtype=torch.int64)  # (B,)
-        lens_t = torch.as_tensor(list(query_lens), dtype=torch.int64)  # (B,)
-        cu = torch.zeros(len(lens_t) + 1, dtype=torch.int64)
-        cu[1:] = lens_t.cumsum(0)  # (B+1,)
-        rows = torch.repeat_interleave(torch.arange(len(lens_t)), lens_t)  # (N,)
-        offsets = torch.arange(int(cu[-1])) - cu[:-1][rows]  # (N,) index within its sequence
-        positions = (starts_t[rows] + offsets).to(slot_mapping.device)  # (N,)
-        return StepBatch(tuple(seq_ids), lens_t, starts_t + lens_t, positions,
-                         slot_mapping, step)
+        """Positions start[b] .. start[b] + query_lens[b] - 1 for each sequence b, built on
+        the host and moved to `slot_mapping`'s device (G, N)."""
+        starts, lens = [int(s) for s in starts], [int(n) for n in query_lens]
+        device = slot_mapping.device
+        positions = torch.tensor([s + i for s, n in zip(starts, lens) for i in range(n)],
+                                 dtype=torch.int64)  # (N,)
+        cu = torch.tensor([0, *accumulate(lens)], dtype=torch.int32)  # (B+1,)
+        return StepBatch(tuple(seq_ids), tuple(lens), tuple(s + n for s, n in zip(starts, lens)),
+                         positions.to(device), slot_mapping, cu.to(device), step)
 
     @property
     def num_seqs(self) -> int:
@@ -83,25 +92,30 @@ class StepBatch:
 
     @property
     def num_tokens(self) -> int:
+        """N, the packed tokens (known on the host from the positions' shape)."""
         return self.positions.shape[0]
 
     @property
-    def cu_query_lens(self) -> torch.Tensor:
-        """(B+1,) int64 offsets: sequence b's tokens are packed rows cu[b] .. cu[b+1]-1."""
-        cu = torch.zeros(self.num_seqs + 1, dtype=torch.int64)
-        cu[1:] = self.query_lens.cumsum(0)
-        return cu
+    def starts(self) -> tuple[int, ...]:
+        """(B,) host: tokens each sequence held before this step (its first new position)."""
+        return tuple(c - q for c, q in zip(self.context_lens, self.query_lens))
+
+    @property
+    def query_starts(self) -> tuple[int, ...]:
+        """(B+1,) host copy of `cu_query_lens`."""
+        return (0, *accumulate(self.query_lens))
 
     @property
     def token_rows(self) -> torch.Tensor:
-        """(N,) int64: the batch row b of each packed token."""
-        return torch.repeat_interleave(torch.arange(self.num_seqs), self.query_lens)
+        """(N,) int64 on the host: the batch row b of each packed token."""
+        return torch.repeat_interleave(torch.arange(self.num_seqs),
+                                       torch.tensor(self.query_lens))
 
     @property
     def uniform_len(self) -> int | None:
         """T when every sequence feeds T tokens (a (B, T) rectangle), else None."""
-        first = int(self.query_lens[0])
-        return first if bool((self.query_lens == first).all()) else None
+        first = self.query_lens[0]
+        return first if all(n == first for n in self.query_lens) else None
 
 
 @dataclass(frozen=True)
@@ -115,11 +129,12 @@ class DenseKV:
     v: torch.Tensor  # (B, Hkv, S, D)
     context_lens: torch.Tensor  # (B,) int64 on k's device: valid keys per row
     window: int | None = None  # sliding window W of the layer: keys p - W or older are hidden
+    sink_tokens: int = 0  # ... except the first `sink_tokens` positions, always visible
     # (B,) int64: position of key 0 per row, when the view starts past position 0 (a ring
     # buffer's oldest kept key); None: key j is position j. context_lens stay positions.
     key_start: torch.Tensor | None = None
 
-    def dense(self) -> DenseKV:
+    def dense(self, dtype: torch.dtype | None = None) -> DenseKV:
         return self
 
 
@@ -129,6 +144,11 @@ class PagedKV:
 
     Token j of row b lives in block `block_tables[b, j // BS]`, at offset `j % BS`.
     A sequence of 45 tokens in blocks of 16: two full blocks and 13 tokens in the third.
+    Entries past a row's last block are -1; a windowed layer's blocks that left its window
+    are the pool's null block (zeros, never written), which no query can see.
+
+    A pool of codes (int8 or float8_e4m3fn, `CacheConfig.kv_cache_dtype`) comes with a float32
+    scale per (block, head, token): the value is scale * code.
     """
 
     k_pool: torch.Tensor  # (NB, Hkv, BS, D): each block of one head is a contiguous tile
@@ -136,23 +156,31 @@ class PagedKV:
     block_tables: torch.Tensor  # (B, max_blocks) int32, padded with -1
     context_lens: torch.Tensor  # (B,) int32 on the pool's device: valid keys per row
     window: int | None = None  # sliding window W of the layer (see DenseKV)
+    sink_tokens: int = 0  # first positions always visible (see DenseKV)
+    k_scale: torch.Tensor | None = None  # (NB, Hkv, BS) float32 when the pools hold codes
+    v_scale: torch.Tensor | None = None
 
     @property
     def block_size(self) -> int:
         return self.k_pool.shape[2]
 
-    def dense(self) -> DenseKV:
-        """Gather every row's blocks into contiguous (B, Hkv, S, D) tensors: the reference
-        path, and the copy that reading in place avoids."""
+    def dense(self, dtype: torch.dtype | None = None) -> DenseKV:
+        """Gather every row's blocks into contiguous (B, Hkv, M * BS, D) tensors: the
+        reference path, and the copy that reading in place avoids (codes are dequantized to
+        `dtype`, float32 by default). Keys past a row's `context_lens` are whatever the
+        gathered blocks hold; attention masks them."""
         B, M = self.block_tables.shape
         NB, Hkv, BS, D = self.k_pool.shape
-        S = int(self.context_lens.max())
-        tables = self.block_tables[:, :-(-S // BS)].long().clamp(min=0)  # (B, ceil(S/BS))
-        k = self.k_pool[tables]  # (B, nb, Hkv, BS, D)
+        tables = self.block_tables.long().clamp(min=0)  # (B, M): padding reads block 0, masked
+        k = self.k_pool[tables]  # (B, M, Hkv, BS, D)
         v = self.v_pool[tables]
-        k = k.permute(0, 2, 1, 3, 4).reshape(B, Hkv, -1, D)[:, :, :S]  # (B, Hkv, S, D)
-        v = v.permute(0, 2, 1, 3, 4).reshape(B, Hkv, -1, D)[:, :, :S]
-        return DenseKV(k, v, self.context_lens.long(), self.window)
+        if self.k_scale is not None:  # scale * code, row by row
+            out = dtype or torch.float32
+            k = (k.float() * self.k_scale[tables][..., None]).to(out)  # (B, M, Hkv, BS, D)
+            v = (v.float() * self.v_scale[tables][..., None]).to(out)
+        k = k.permute(0, 2, 1, 3, 4).reshape(B, Hkv, M * BS, D)  # (B, Hkv, S, D)
+        v = v.permute(0, 2, 1, 3, 4).reshape(B, Hkv, M * BS, D)
+        return DenseKV(k, v, self.context_lens.long(), self.window, self.sink_tokens)
 
 
 KVView = DenseKV | PagedKV
@@ -160,7 +188,12 @@ KVView = DenseKV | PagedKV
 
 @runtime_checkable
 class KVCache(Protocol):
-    """What the model and the engine need from a KV cache."""
+    """What the model needs from a KV cache."""
+
+    @property
+    def config(self) -> CacheConfig:
+        """The cache's shape: layers, KV heads, head dim, dtype, device, each layer's window."""
+        ...
 
     @property
     def num_layers(self) -> int:
@@ -205,6 +238,45 @@ class KVCache(Protocol):
         ...
 
 
+@runtime_checkable
+class KVCacheManager(Protocol):
+    """What a scheduler needs from a cache it serves requests from: room, in blocks.
+
+    A paged cache implements it (and a quantized cache over a paged one passes it through),
+    so the scheduler never sees block tables, allocators or pools, and keeps no copy of the
+    room arithmetic: it asks `allocate` and takes the answer.
+    """
+
+    @property
+    def block_size(self) -> int:
+        ...
+
+    @property
+    def num_used_blocks(self) -> int:
+        """Blocks referenced by some sequence, every group counted."""
+        ...
+
+    def admit(self, seq_id: int, token_ids: Sequence[int]) -> int:
+        """Start holding a new sequence, with the cached blocks its tokens begin with
+        (prefix caching); returns how many of its tokens are already stored (a multiple of
+        the block size, never all of them: the last token is always left to compute)."""
+        ...
+
+    def allocate(self, seq_id: int, num_tokens: int) -> bool:
+        """Room for sequence `seq_id`'s first `num_tokens` tokens, in every group, in one
+        call: True if it is now held, False -- and nothing changed -- if it does not fit."""
+        ...
+
+    def release(self, seq_ids: Sequence[int]) -> None:
+        """Free the sequences' blocks (those shared with others stay)."""
+        ...
+
+    def check_fits_alone(self, num_tokens: int, max_query_len: int) -> None:
+        """Raise ValueError unless one sequence of `num_tokens` tokens, fed at most
+        `max_query_len` a step, fits in an otherwise empty cache."""
+        ...
+
+
 class StepLedger:
     """The bookkeeping of one open step, shared by every cache: which layers have written.
 
@@ -236,6 +308,10 @@ class StepLedger:
 
     def wrote(self, layer: int) -> None:
         self._written.add(layer)
+
+    def has_written(self, layer: int) -> bool:
+        """Whether `layer` has written the open step."""
+        return layer in self._written
 
     def close(self, batch: StepBatch, *, complete: bool) -> None:
         """End the open step; with `complete`, first check that every layer wrote it."""
