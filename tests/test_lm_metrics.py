@@ -144,3 +144,11 @@ def test_decode_heldout_matches_the_full_forward(model):
     q8 = trained.decode_heldout(model, texts, 8, PRESETS["int8-token"], tok, reference=ref)
     assert q8.agreement > 0.9 and 0 < q8.kl < 1e-3
     assert q8.bits_per_byte == pytest.approx(ref.bits_per_byte, rel=0.01)
+
+
+def test_first_lines_stops_where_a_line_ends():
+    text = "import os\n\n\ndef f():\n    return 1\n"
+    assert lm_metrics.first_lines(text, 4) == "import os\n\n\ndef f():"
+    assert lm_metrics.first_lines(text, 99) == text.rstrip("\n")
+    with pytest.raises(ValueError, match="num_lines"):
+        lm_metrics.first_lines(text, 0)

@@ -117,6 +117,20 @@ def score_texts(model: TransformerLM, tokenizer, texts: Mapping[str, str], eos_i
         for text in texts.values()])
 
 
+def first_lines(text: str, num_lines: int) -> str:
+    """The first `num_lines` lines of `text`, without the last one's newline: a prompt that
+    stops where a line's text ends. A byte-level BPE joins a newline with the indentation
+    after it ("\\n" + 7 spaces is one token, the 8th space starts the next word), so a prompt
+    ending in a bare newline tells the model that the next line is not indented.
+
+    >>> first_lines("def f():\\n    return 1\\n\\nx = f()\\n", 2)
+    'def f():\\n    return 1'
+    """
+    if num_lines < 1:
+        raise ValueError(f"first_lines needs num_lines >= 1, got {num_lines}")
+    return "".join(text.splitlines(keepends=True)[:num_lines]).rstrip("\n")
+
+
 def head_text(tokenizer, text: str, max_tokens: int) -> str:
     """The text of `text`'s first `max_tokens` tokens (all of it if shorter): a quick slice
     that the model and the compressors both read."""
