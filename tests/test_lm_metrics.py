@@ -146,6 +146,18 @@ def test_decode_heldout_matches_the_full_forward(model):
     assert q8.bits_per_byte == pytest.approx(ref.bits_per_byte, rel=0.01)
 
 
+@torch.no_grad()
+def test_decode_heldout_batches_texts_as_if_one_by_one(model):
+    tok = ByteTokenizer()
+    texts = [list(b"import os\nimport sys\n\n\n"), list(b"def main():\n    pass\n\n\n")]
+    both = trained.decode_heldout(model, texts, 8, PRESETS["int4-token"], tok)
+    alone = [trained.decode_heldout(model, [t], 8, PRESETS["int4-token"], tok) for t in texts]
+    torch.testing.assert_close(both.logits, torch.cat([a.logits for a in alone]), atol=1e-5,
+                               rtol=0)
+    with pytest.raises(ValueError, match="one length"):
+        trained.decode_heldout(model, [texts[0], texts[1][:-1]], 8, None, tok)
+
+
 def test_first_lines_stops_where_a_line_ends():
     text = "import os\n\n\ndef f():\n    return 1\n"
     assert lm_metrics.first_lines(text, 4) == "import os\n\n\ndef f():"

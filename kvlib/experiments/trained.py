@@ -126,21 +126,25 @@ def decode_heldout(model: TransformerLM, texts: Sequence[Sequence[int]], prompt_
                    reference: HeldoutDecode | None = None) -> HeldoutDecode:
     """Prefill each text's first `prompt_len` tokens, then feed the rest one token per decode
     step, through a quantized cache (`quant`) or a flat one (None); score each step's logits
-    on the text's true next token, and against `reference`'s logits if given."""
+    on the text's true next token, and against `reference`'s logits if given.
+
+    The texts (of one length) go through together, one sequence each in a batch, so a step
+    costs about what one text's would."""
+    lengths = {len(ids) for ids in texts}
+    if len(lengths) != 1 or not 0 < prompt_len < min(lengths):
+        raise ValueError(f"decode_heldout needs texts of one length, longer than prompt_len "
+                         f"{prompt_len}; got lengths {sorted(lengths)}")
     device = model.embed.weight.device
-    logits, targets, num_bytes = [], [], 0
-    for ids in texts:
-        x = torch.tensor([list(ids)], device=device)  # (1, S)
-        S = x.shape[1]
-        cache = (model.new_cache(1, S) if quant is None
-                 else quantized_cache_for(model, quant, S))
-        steps = [model.prefill(x[:, :prompt_len], cache)]  # (1, V) each
-        for i in range(prompt_len, S - 1):
-            steps.append(model.decode_step(x[:, i], cache))
-        logits.append(torch.cat(steps).float().cpu())  # (S - prompt_len, V)
-        targets.append(x[0, prompt_len:].cpu())  # (S - prompt_len,)
-        num_bytes += len(tokenizer.decode(list(ids[prompt_len:])).encode())
-    logits_all, target = torch.cat(logits), torch.cat(targets)  # (n, V), (n,)
+    x = torch.tensor([list(ids) for ids in texts], device=device)  # (B, S)
+    B, S = x.shape
+    cache = (model.new_cache(B, S) if quant is None
+             else quantized_cache_for(model, quant, S, batch_size=B))
+    steps = [model.prefill(x[:, :prompt_len], cache)]  # (B, V) each
+    for i in range(prompt_len, S - 1):
+        steps.append(model.decode_step(x[:, i], cache))
+    logits_all = torch.stack(steps, dim=1).float().cpu().flatten(0, 1)  # (B * (S - P), V)
+    target = x[:, prompt_len:].cpu().flatten()  # (B * (S - P),), text by text
+    num_bytes = sum(len(tokenizer.decode(list(ids[prompt_len:])).encode()) for ids in texts)
     logp = logits_all.log_softmax(-1)  # (n, V)
     nats = -logp.gather(1, target[:, None]).sum()
     top1 = float((logits_all.argmax(-1) == target).float().mean())
