@@ -29,9 +29,8 @@ def plot_loss_curves(ax: Axes, record: Mapping[str, Any]) -> None:
     ax.set_title(f"context {seq_lens} tokens (dotted)")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats per token)")
-    ax.set_yscale("log")
-    ax.legend(frameon=False)
-    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(frameon=False, loc="upper right")
+    ax.grid(True, alpha=0.3)
 
 
 def plot_bits_per_byte(ax: Axes, metrics: Mapping[str, Any]) -> None:
