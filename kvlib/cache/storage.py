@@ -55,6 +55,11 @@ class PagedStorage:
         g, i = self._where[layer]
         return self.pools[g][i, 1]  # (NB + 1, Hkv, BS, D)
 
+    def pin_memory(self) -> None:
+        """Page-lock host pools, so copies to and from a GPU run asynchronously at the
+        link's full speed (a host tier's pools, kvlib.cache.offload)."""
+        self.pools = [p.pin_memory() for p in self.pools]
+
     @property
     def nbytes(self) -> int:
         """Bytes of every pool, null blocks included."""
