@@ -321,18 +321,24 @@ class BatchedInferenceEngine:
 
     # -- moving a request to another engine ------------------------------------------------------
     def export_request(self, request_id: int) -> Handoff:
-        """Take a decoding request out of this engine: its blocks are exported and freed
-        here, and the engine forgets it. Raises ValueError, changing nothing, unless the
-        request is running with all its tokens but the newest in the cache."""
+        """A copy of a decoding request, blocks and random state included, for another
+        engine; it keeps running here until `remove_request` (once the other has it).
+        Raises ValueError unless it runs with all its tokens but the newest cached."""
         seq = self._seqs.get(request_id)
         if seq is None or seq.status is not Status.RUNNING or not seq.is_decoding:
             raise ValueError(f"request {request_id} is not a decoding request of this engine")
         blocks, data = self.cache.export_sequence(seq.seq_id)
         rng = None if seq.generator is None else seq.generator.get_state()
+        return Handoff(seq.request, tuple(seq.output_ids), blocks, tuple(data), rng)
+
+    def remove_request(self, request_id: int) -> None:
+        """Forget a running request and free its blocks (another engine decodes it now)."""
+        seq = self._seqs.get(request_id)
+        if seq is None or seq.status is not Status.RUNNING:
+            raise ValueError(f"request {request_id} is not running in this engine")
         self.scheduler.remove(seq)
         self.cache.release([seq.seq_id])
         del self._seqs[request_id]
-        return Handoff(seq.request, tuple(seq.output_ids), blocks, tuple(data), rng)
 
     def import_request(self, handoff: Handoff) -> int:
         """Go on decoding a request another engine exported; returns its id here. Raises

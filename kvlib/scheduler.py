@@ -181,8 +181,8 @@ class Scheduler:
         self.running.append(seq)
 
     def remove(self, seq: SequenceState) -> None:
-        """Take a running sequence out without releasing its blocks (they are being
-        exported to another engine, whose job it now is)."""
+        """Take a running sequence out of the plan; its blocks are the caller's to free
+        (the engine frees them once another engine holds the sequence)."""
         if seq not in self.running:
             raise ValueError(f"sequence {seq.seq_id} is {seq.status.value}, not running")
         self.running.remove(seq)
