@@ -1,0 +1,145 @@
+"""Chapter 10's measurements: swap against recompute, the cost of a transfer, tensor-parallel
+ranks checked against one process.
+
+The multi-process functions here are `run_ranks` workers (module-level, so spawned processes
+import them): `tp_check` builds a rank's shard of a model and compares it with the whole
+model in the same process; `chapter_ranks` runs the chapter's two-process demos in one group
+(a disaggregated run, then tensor parallelism), so the chapter starts processes once.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kvlib import analysis
+from kvlib.bench import measure
+from kvlib.cache.offload import OffloadingKVCache
+from kvlib.cache.paged import PagedKVCache
+from kvlib.distributed import disaggregation as dg
+from kvlib.distributed.tensor_parallel import ShardPlan, shard_model
+from kvlib.engine import BatchedInferenceEngine
+from kvlib.model import TransformerLM
+from kvlib.scheduler import Request
+
+
+# -- tensor parallelism ----------------------------------------------------------------------
+@torch.no_grad()
+def tp_check(rank: int, world_size: int, model: TransformerLM, requests: Sequence[Request],
+             num_blocks: int = 64, block_size: int = 4) -> dict[str, Any]:
+    """On one rank: the shard's logits against the whole model's (same prompts, no cache),
+    and the shard served by the engine over a paged cache of its KV heads only, against
+    generating each request alone with the whole model."""
+    local = shard_model(model, rank, world_size)
+    cfg = model.config
+    plan = ShardPlan.make(cfg.num_heads, cfg.num_kv_heads, cfg.ffn_dim, rank, world_size)
+    prompt = torch.tensor([list(requests[0].prompt_ids)])  # (1, P)
+    full_logits = model(prompt)  # (1, P, V)
+    shard_logits = local(prompt)  # (1, P, V): every rank ends with the whole logits
+    engine = BatchedInferenceEngine(local, num_blocks, block_size)
+    outputs = engine.generate([r.prompt_ids for r in requests],
+                              [r.sampling for r in requests],
+                              [r.max_new_tokens for r in requests], show_progress=False)
+    alone = [model.generate(torch.tensor([r.prompt_ids]), r.max_new_tokens,
+                            sampling=r.sampling).tokens[0].tolist() for r in requests]
+    return {
+        "rank": rank, "heads": list(plan.heads), "kv_heads": list(plan.kv_heads),
+        "replication": plan.replication,
+        "max_logit_diff": float((full_logits - shard_logits).abs().max()),
+        "outputs_equal": [o.token_ids == a for o, a in zip(outputs.outputs, alone)],
+        "cache_bytes_per_token": engine.cache.config.bytes_per_token,
+        "whole_cache_bytes_per_token": model.cache_config(1, 8).bytes_per_token,
+    }
+
+
+def chapter_ranks(rank: int, world_size: int, model: TransformerLM,
+                  requests: Sequence[Request], prefill: dg.EngineSpec, decode: dg.EngineSpec,
+                  tp_model: TransformerLM, tp_requests: Sequence[Request]) -> dict[str, Any]:
+    """The chapter's two-process run: disaggregated serving, then tensor parallelism."""
+    served = dg.serve(rank, world_size, model, requests, prefill, decode)
+    return {"served": served, "tp": tp_check(rank, world_size, tp_model, tp_requests)}
+
+
+# -- swap against recompute -------------------------------------------------------------------
+@dataclass(frozen=True)
+class SwapVsRecompute:
+    """Per preempted sequence of `tokens` tokens: the round trip of its blocks to the host
+    tier and back, against prefilling it again; bytes each way."""
+
+    tokens: int
+    swap_s: float
+    recompute_s: float
+    bytes_each_way: int
+
+
+def _round_trip(cache: OffloadingKVCache, num_tokens: int, moved: list[int]) -> None:
+    moved.append(cache.swap_out(0))
+    assert cache.swap_in(0, num_tokens), "the device pool was sized for the sequence"
+
+
+def _recompute(model: TransformerLM, tokens: torch.Tensor, cache: PagedKVCache) -> None:
+    model.prefill(tokens, cache)
+    cache.release([0])
+
+
+@torch.no_grad()
+def time_swap_vs_recompute(model: TransformerLM, lengths: Sequence[int], *,
+                           block_size: int = 16, repeats: int = 5,
+                           seed: int = 0) -> list[SwapVsRecompute]:
+    """Median times, per length, of swapping a sequence out and in (OffloadingKVCache) and
+    of recomputing it (one prefill of all its tokens into a paged cache, then release)."""
+    out = []
+    gen = torch.Generator().manual_seed(seed)
+    for n in lengths:
+        tokens = torch.randint(0, model.config.vocab_size, (1, n), generator=gen)  # (1, n)
+        blocks = -(-n // block_size) + 1
+        config = model.cache_config(1, model.config.max_seq_len, block_size=block_size)
+        tiered = OffloadingKVCache(config, num_blocks=blocks, num_host_blocks=blocks)
+        model.prefill(tokens, tiered)
+        moved: list[int] = []
+        swap = measure(functools.partial(_round_trip, tiered, n, moved), warmup=1,
+                       repeats=repeats)
+        paged = PagedKVCache(config, num_blocks=blocks)
+        again = measure(functools.partial(_recompute, model, tokens, paged), warmup=1,
+                        repeats=repeats)
+        out.append(SwapVsRecompute(n, swap.median_s, again.median_s, moved[0]))
+    return out
+
+
+def measured_rates(rows: Sequence[SwapVsRecompute], model: TransformerLM) -> dict[str, float]:
+    """What this machine did: bytes/s of a swap (both ways) and FLOP/s of a recompute, from
+    the longest length measured (the least dominated by fixed costs)."""
+    last = max(rows, key=lambda r: r.tokens)
+    flops = analysis.prefill_cost(model.config, last.tokens).total_flops
+    return {"copy_bytes_per_s": 2 * last.bytes_each_way / last.swap_s,
+            "prefill_flops_per_s": flops / last.recompute_s}
+
+
+def time_transfer_ranks(rank: int, world_size: int, lengths: Sequence[int],
+                        repeats: int = 3) -> list[dict[str, float]]:
+    """`run_ranks` worker: rank 0 sends rank 1 float32 blocks of `lengths` tokens of the
+    bench model's cache, as a disaggregated handoff would; median seconds per length."""
+    import torch.distributed as dist
+
+    out = []
+    for n in lengths:
+        data = torch.zeros(8, 2, -(-n // 16), 4, 16, 32)  # (L, 2, n_blocks, Hkv, BS, D)
+        times = []
+        for _ in range(repeats + 1):
+            dist.barrier()
+            start = time.perf_counter()
+            if rank == 0:
+                dist.send(data, 1)
+                dist.recv(torch.zeros(1), 1)
+            else:
+                dist.recv(data, 0)
+                dist.send(torch.zeros(1), 0)
+            times.append(time.perf_counter() - start)
+        out.append({"tokens": n, "bytes": data.nbytes,
+                    "seconds": sorted(times[1:])[len(times[1:]) // 2]})
+    return out
