@@ -32,6 +32,7 @@ Invariants, checked by `check_invariants` (and in the tests after every operatio
 from __future__ import annotations
 
 import hashlib
+import struct
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -47,8 +48,10 @@ def hash_block_tokens(parent_hash: int | None, token_ids: Sequence[int]) -> int:
     >>> first == hash_block_tokens(None, [1, 2]), first == hash_block_tokens(7, [1, 2])
     (True, False)
     """
-    text = f"{parent_hash}:{','.join(str(int(t)) for t in token_ids)}"
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
+    # NOTE: bytes, not text: a long prompt's blocks are hashed at every admission and commit
+    head = b"-" if parent_hash is None else b"+" + parent_hash.to_bytes(8, "little")
+    body = struct.pack(f"<{len(token_ids)}q", *map(int, token_ids))
+    return int.from_bytes(hashlib.sha256(head + body).digest()[:8], "little")
 
 
 @dataclass(eq=False)
