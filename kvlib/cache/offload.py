@@ -191,11 +191,12 @@ class OffloadingKVCache:
     def swap_out(self, seq_id: int) -> int:
         """Move a sequence's blocks to the host and free them on the device; the bytes
         copied. Raises ValueError, changing nothing, when the host has no room."""
-        blocks, data = self.device.export_sequence(seq_id)
-        self.host.import_sequence(seq_id, blocks, data)  # raises, changing nothing
+        blocks = self.device.manager.export(seq_id)
+        new_ids = self.host.manager.import_sequence(seq_id, blocks)  # raises, changing nothing
+        copied = self._copy(self.device, self.host, blocks.block_ids, new_ids)
         self.device.release([seq_id])
         self.num_swapped_out += 1
-        return sum(d.nbytes for d in data)
+        return copied
 
     def swap_in(self, seq_id: int, num_tokens: int) -> bool:
         """Move a swapped-out sequence back with room for its first `num_tokens` tokens:
@@ -208,13 +209,27 @@ class OffloadingKVCache:
             need = sum(b is not None for b in ids) + max(0, entries - len(ids))
             if need > alloc.num_free_blocks:
                 return False
-        blocks, data = self.host.export_sequence(seq_id)
-        self.device.import_sequence(seq_id, blocks, data)
+        new_ids = self.device.manager.import_sequence(seq_id, blocks)
+        self._copy(self.host, self.device, blocks.block_ids, new_ids)
         self.host.release([seq_id])
         grown = self.device.allocate(seq_id, num_tokens)
         assert grown, "room was counted above: import and growth take what was free"
         self.num_swapped_in += 1
         return True
+
+    def _copy(self, src: PagedKVCache, dst: PagedKVCache,
+              src_ids: Sequence[Sequence[int | None]],
+              dst_ids: Sequence[Sequence[int | None]]) -> int:
+        """Copy each block to its new place, one block at a time (as vLLM's swap_blocks:
+        one memcpy per block, each a (L_g, 2, Hkv, BS, D) tile); the bytes copied."""
+        copied = 0
+        for g, (olds, news) in enumerate(zip(src_ids, dst_ids)):
+            a, b = src.storage.pools[g], dst.storage.pools[g]  # (L_g, 2, NB + 1, Hkv, BS, D)
+            for old, new in zip(olds, news):
+                if old is not None:
+                    b[:, :, new].copy_(a[:, :, old], non_blocking=self._non_blocking)
+                    copied += b[:, :, new].nbytes
+        return copied
 
     # -- the second-level prefix cache ----------------------------------------------------------
     def _demote(self, group: int, block_id: int, block_hash: int) -> None:

@@ -143,3 +143,85 @@ def time_transfer_ranks(rank: int, world_size: int, lengths: Sequence[int],
         out.append({"tokens": n, "bytes": data.nbytes,
                     "seconds": sorted(times[1:])[len(times[1:]) // 2]})
     return out
+
+
+# -- the cost model on this machine --------------------------------------------------------------
+@torch.no_grad()
+def cpu_rates(model: TransformerLM, repeats: int = 5) -> dict[str, float]:
+    """This machine's two rates the cost model needs, measured apart from any cache: bytes
+    per second of a large copy (what a swap does), FLOP/s of the model's own MLP matmul on
+    512 tokens (what a prefill mostly does)."""
+    src = torch.zeros(8 * 2**20)  # (8M,) float32: 32 MiB
+    dst = torch.empty_like(src)
+    copy = measure(functools.partial(dst.copy_, src), warmup=1, repeats=repeats)
+    cfg = model.config
+    x = torch.randn(512, cfg.d_model)  # (T, d)
+    w = model.layers[0].mlp.up_proj.weight  # (F, d)
+    mm = measure(functools.partial(torch.matmul, x, w.T), warmup=1, repeats=repeats)
+    return {"copy_bytes_per_s": src.nbytes / copy.median_s,
+            "matmul_flops_per_s": 2 * 512 * cfg.d_model * cfg.ffn_dim / mm.median_s}
+
+
+def predicted_swap_vs_recompute(model: TransformerLM, tokens: int,
+                                rates: dict[str, float]) -> tuple[float, float]:
+    """(swap seconds, recompute seconds) the cost model predicts: the sequence's cache
+    bytes copied out and back, against its prefill's FLOPs."""
+    nbytes = tokens * model.cache_config(1, 8).bytes_per_token
+    flops = analysis.prefill_cost(model.config, tokens).total_flops
+    return 2 * nbytes / rates["copy_bytes_per_s"], flops / rates["matmul_flops_per_s"]
+
+
+# -- preemption and the second-level cache, run ----------------------------------------------------
+@dataclass(frozen=True)
+class PreemptionRun:
+    outputs: list[list[int]]
+    num_preemptions: int
+    num_swaps: int
+    prefill_tokens: int  # tokens the steps prefilled: prompts, plus every recomputation
+    wall_s: float
+
+
+@torch.no_grad()
+def run_preemption(model: TransformerLM, requests: Sequence[Request], policy: Any, *,
+                   num_blocks: int, num_host_blocks: int, block_size: int = 16,
+                   max_num_batched_tokens: int = 256) -> PreemptionRun:
+    """The requests through an engine whose pool preempts, the preempted ones swapped or
+    recomputed as `policy` says (a host tier is there either way)."""
+    cache = OffloadingKVCache(model.cache_config(1, model.config.max_seq_len,
+                                                 block_size=block_size),
+                              num_blocks, num_host_blocks)
+    engine = BatchedInferenceEngine(model, cache=cache, preemption=policy,
+                                    max_num_batched_tokens=max_num_batched_tokens)
+    result = engine.generate([r.prompt_ids for r in requests], [r.sampling for r in requests],
+                             [r.max_new_tokens for r in requests], show_progress=False)
+    m = result.metrics
+    return PreemptionRun([o.token_ids for o in result.outputs], m.num_preemptions, m.num_swaps,
+                         sum(s.num_prefill_tokens for s in m.steps), m.wall_s)
+
+
+@torch.no_grad()
+def prefix_hits(model: TransformerLM, prompts: Sequence[Sequence[int]], *, num_blocks: int,
+                num_host_blocks: int | None, block_size: int = 16,
+                max_new_tokens: int = 4) -> tuple[int, list[list[int]]]:
+    """Prompt tokens found cached, and the outputs, when `prompts` come one at a time to an
+    engine with a small device pool: a plain paged cache (`num_host_blocks=None`) or one
+    with a host tier under it."""
+    config = model.cache_config(1, model.config.max_seq_len, block_size=block_size)
+    cache = (PagedKVCache(config, num_blocks) if num_host_blocks is None
+             else OffloadingKVCache(config, num_blocks, num_host_blocks))
+    engine = BatchedInferenceEngine(model, cache=cache)
+    outputs = [engine.generate([p], max_new_tokens=max_new_tokens,
+                               show_progress=False).outputs[0].token_ids for p in prompts]
+    return engine.metrics.num_prefix_hit_tokens, outputs
+
+
+# -- what the transfers of a disaggregated run cost -------------------------------------------------
+def time_per_transfer(transfers: Sequence[dg.Transfer]) -> dict[str, float]:
+    """Summary of a disaggregated run's transfers: bytes and seconds per request, and the
+    rate the link (here: gloo between two processes) reached."""
+    moved = [t for t in transfers if t.accepted]
+    data = sum(t.data_bytes for t in moved)
+    seconds = sum(t.seconds for t in moved)
+    return {"requests": len(moved), "bytes_per_request": data / max(1, len(moved)),
+            "seconds_per_request": seconds / max(1, len(moved)),
+            "bytes_per_s": data / seconds if seconds else 0.0}

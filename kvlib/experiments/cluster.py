@@ -96,8 +96,11 @@ class RooflineStepCosts:
 @dataclass(frozen=True)
 class TimedRequest:
     arrival_s: float
-    prompt_ids: tuple[int, ...]
-    max_new_tokens: int
+    request: Request  # made once per trace: a long prompt's ids are checked once
+
+    @property
+    def prompt_ids(self) -> tuple[int, ...]:
+        return self.request.prompt_ids
 
 
 def poisson_arrivals(n: int, rate_per_s: float, rng: random.Random) -> list[float]:
@@ -113,22 +116,23 @@ def shared_prefix_trace(num_requests: int, rate_per_s: float, *, num_prefixes: i
                         seed: int = 0) -> list[TimedRequest]:
     """Each prompt: one of `num_prefixes` shared prefixes (a system prompt, a document),
     drawn uniformly, then `suffix_len` tokens of its own."""
-    rng = random.Random(seed)
-    prefixes = [tuple(rng.randrange(1 << 20) for _ in range(prefix_len))
-                for _ in range(num_prefixes)]
-    return [TimedRequest(t, rng.choice(prefixes) + tuple(rng.randrange(1 << 20)
-                                                         for _ in range(suffix_len)),
-                         max_new_tokens)
+    rng, tokens = random.Random(seed), np.random.default_rng(seed)
+    prefixes = [_draw(tokens, prefix_len) for _ in range(num_prefixes)]
+    return [TimedRequest(t, Request(rng.choice(prefixes) + _draw(tokens, suffix_len),
+                                    max_new_tokens=max_new_tokens))
             for t in poisson_arrivals(num_requests, rate_per_s, rng)]
 
 
 def uniform_trace(num_requests: int, rate_per_s: float, prompt_len: int,
                   max_new_tokens: int, seed: int = 0) -> list[TimedRequest]:
     """Prompts of `prompt_len` tokens, nothing shared, Poisson arrivals."""
-    rng = random.Random(seed)
-    return [TimedRequest(t, tuple(rng.randrange(1 << 20) for _ in range(prompt_len)),
-                         max_new_tokens)
+    rng, tokens = random.Random(seed), np.random.default_rng(seed)
+    return [TimedRequest(t, Request(_draw(tokens, prompt_len), max_new_tokens=max_new_tokens))
             for t in poisson_arrivals(num_requests, rate_per_s, rng)]
+
+
+def _draw(tokens: np.random.Generator, n: int) -> tuple[int, ...]:
+    return tuple(tokens.integers(0, 1 << 20, n).tolist())  # made-up token ids
 
 
 # -- a replica -------------------------------------------------------------------------------
@@ -150,7 +154,7 @@ class SimReplica:
     block_size: int = 16
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 256
-    max_seq_len: int = 1 << 16
+    max_seq_len: int = 1 << 14
     prefix_caching: bool = True  # False: blocks are never named by their tokens (faster)
     clock: float = 0.0
     inbox: list = field(default_factory=list)  # heap of (time, order, seq, kind)
@@ -276,8 +280,7 @@ def _run(replicas: list[SimReplica], trace: Sequence[TimedRequest],
         t_next = nxt.next_event_s()
         if k < len(arrivals) and trace[arrivals[k]].arrival_s <= t_next:
             r = trace[arrivals[k]]
-            seq = SequenceState(arrivals[k], Request(r.prompt_ids, max_new_tokens=r.max_new_tokens),
-                                None, arrival_s=r.arrival_s)
+            seq = SequenceState(arrivals[k], r.request, None, arrival_s=r.arrival_s)
             times[seq.seq_id] = _Times(r.arrival_s)
             replicas[choose(r)].put(r.arrival_s, seq, "new")
             k += 1
