@@ -67,13 +67,15 @@ class EngineSpec:
 
 @dataclass(frozen=True)
 class Transfer:
-    """One request moved: its prompt, the bytes sent (cache data; all of it) and the time
-    from the header's send to the decode side's IMPORTED."""
+    """One request moved: its prompt, the bytes sent (cache data; all of it), the wait for
+    the decode side's answer (it answers between its steps, when it has room) and the time
+    from the first byte of data to its IMPORTED (the transfer itself, import included)."""
 
     index: int
     prompt_len: int
     data_bytes: int
     total_bytes: int
+    wait_s: float
     seconds: float
     accepted: bool
 
@@ -168,6 +170,7 @@ def send_request(handoff: Handoff, index: int, dst: int = DECODE) -> Transfer:
     start = time.perf_counter()
     sent = _send_json(header(handoff, index), dst)
     accepted = _await_answer(dst) == ACCEPT
+    answered = time.perf_counter()
     if accepted:
         for d in handoff.data:
             dist.send(d.contiguous(), dst)
@@ -176,7 +179,7 @@ def send_request(handoff: Handoff, index: int, dst: int = DECODE) -> Transfer:
         accepted = _await_answer(dst) == IMPORTED
         sent += handoff.nbytes + (0 if handoff.rng_state is None else handoff.rng_state.numel())
     return Transfer(index, len(handoff.request.prompt_ids), handoff.nbytes, sent,
-                    time.perf_counter() - start, accepted)
+                    answered - start, time.perf_counter() - answered, accepted)
 
 
 def receive_request(engine: BatchedInferenceEngine, h: dict[str, Any], src: int = PREFILL) -> int:

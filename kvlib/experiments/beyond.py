@@ -10,6 +10,7 @@ model in the same process; `chapter_ranks` runs the chapter's two-process demos 
 from __future__ import annotations
 
 import functools
+import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,8 +24,10 @@ from kvlib.cache.offload import OffloadingKVCache
 from kvlib.cache.paged import PagedKVCache
 from kvlib.distributed import disaggregation as dg
 from kvlib.distributed.tensor_parallel import ShardPlan, shard_model
-from kvlib.engine import BatchedInferenceEngine
+from kvlib.engine import BatchedInferenceEngine, EngineMetrics
+from kvlib.experiments import cluster as cl
 from kvlib.model import TransformerLM
+from kvlib.routing import RoundRobin
 from kvlib.scheduler import Request
 
 
@@ -59,10 +62,13 @@ def tp_check(rank: int, world_size: int, model: TransformerLM, requests: Sequenc
 
 def chapter_ranks(rank: int, world_size: int, model: TransformerLM,
                   requests: Sequence[Request], prefill: dg.EngineSpec, decode: dg.EngineSpec,
-                  tp_model: TransformerLM, tp_requests: Sequence[Request]) -> dict[str, Any]:
-    """The chapter's two-process run: disaggregated serving, then tensor parallelism."""
+                  tp_models: Sequence[TransformerLM],
+                  tp_requests: Sequence[Request]) -> dict[str, Any]:
+    """The chapter's two-process run: disaggregated serving, then tensor parallelism over
+    each of `tp_models`."""
     served = dg.serve(rank, world_size, model, requests, prefill, decode)
-    return {"served": served, "tp": tp_check(rank, world_size, tp_model, tp_requests)}
+    return {"served": served, "tp": [tp_check(rank, world_size, m, tp_requests)
+                                     for m in tp_models]}
 
 
 # -- swap against recompute -------------------------------------------------------------------
@@ -120,28 +126,28 @@ def measured_rates(rows: Sequence[SwapVsRecompute], model: TransformerLM) -> dic
             "prefill_flops_per_s": flops / last.recompute_s}
 
 
-def time_transfer_ranks(rank: int, world_size: int, lengths: Sequence[int],
+def time_transfer_ranks(rank: int, world_size: int, sizes: Sequence[int],
                         repeats: int = 3) -> list[dict[str, float]]:
-    """`run_ranks` worker: rank 0 sends rank 1 float32 blocks of `lengths` tokens of the
-    bench model's cache, as a disaggregated handoff would; median seconds per length."""
+    """`run_ranks` worker: rank 0 sends rank 1 `sizes` bytes (one tensor each), rank 1
+    answers with one number; the median seconds of each round trip, on both ranks."""
     import torch.distributed as dist
 
     out = []
-    for n in lengths:
-        data = torch.zeros(8, 2, -(-n // 16), 4, 16, 32)  # (L, 2, n_blocks, Hkv, BS, D)
+    for nbytes in sizes:
+        data = torch.zeros(nbytes, dtype=torch.uint8)  # (nbytes,)
+        ack = torch.zeros(1)
         times = []
-        for _ in range(repeats + 1):
+        for _ in range(repeats + 1):  # the first is a warm-up
             dist.barrier()
             start = time.perf_counter()
             if rank == 0:
                 dist.send(data, 1)
-                dist.recv(torch.zeros(1), 1)
+                dist.recv(ack, 1)
             else:
                 dist.recv(data, 0)
-                dist.send(torch.zeros(1), 0)
+                dist.send(ack, 0)
             times.append(time.perf_counter() - start)
-        out.append({"tokens": n, "bytes": data.nbytes,
-                    "seconds": sorted(times[1:])[len(times[1:]) // 2]})
+        out.append({"bytes": nbytes, "seconds": statistics.median(times[1:])})
     return out
 
 
@@ -225,3 +231,29 @@ def time_per_transfer(transfers: Sequence[dg.Transfer]) -> dict[str, float]:
     return {"requests": len(moved), "bytes_per_request": data / max(1, len(moved)),
             "seconds_per_request": seconds / max(1, len(moved)),
             "bytes_per_s": data / seconds if seconds else 0.0}
+
+
+# -- step costs measured here, for the simulator -------------------------------------------------
+@torch.no_grad()
+def time_engine_steps(model: TransformerLM, prompts: Sequence[Sequence[int]],
+                      max_new_tokens: Sequence[int], *, num_blocks: int, block_size: int = 16,
+                      max_num_batched_tokens: int = 128) -> EngineMetrics:
+    """One engine run, all requests at once, after an untimed warm-up; its steps carry their
+    measured durations (what `cluster.fit_step_costs` fits)."""
+    def engine() -> BatchedInferenceEngine:
+        return BatchedInferenceEngine(model, num_blocks, block_size, max_num_batched_tokens)
+
+    engine().generate([list(p) for p in prompts[:2]], max_new_tokens=2, show_progress=False)
+    return engine().generate([list(p) for p in prompts], max_new_tokens=list(max_new_tokens),
+                             show_progress=False).metrics
+
+
+def simulated_makespan(costs: cl.StepCosts, prompts: Sequence[Sequence[int]],
+                       max_new_tokens: Sequence[int], *, num_blocks: int, block_size: int = 16,
+                       max_num_batched_tokens: int = 128) -> float:
+    """The same run simulated: seconds from the first step to the last, all requests at
+    once, on one replica with the engine's settings."""
+    trace = [cl.TimedRequest(0.0, Request(p, max_new_tokens=m))
+             for p, m in zip(prompts, max_new_tokens)]
+    replica = cl.SimReplica(costs, num_blocks, block_size, max_num_batched_tokens)
+    return cl.serve_colocated(trace, [replica], RoundRobin(1)).makespan_s
