@@ -131,7 +131,10 @@ class BatchedInferenceEngine:
         max_num_seqs: most sequences running at once.
         preemption: how a preempted sequence is set aside (kvlib.preemption): recomputed
             (the default), or swapped to host memory (a cache with a host tier).
-        quant: store the cache quantized (a `QuantizedKVCache` over the paged blocks).
+        quant: store the cache quantized in any scheme of chapter 5 (a `QuantizedKVCache`
+            over the paged blocks, dequantized on read).
+        kv_cache_dtype: "int8" or "fp8_e4m3": a paged cache of codes and per-row scales,
+            read in place by the fused kernels (`CacheConfig.kv_cache_dtype`).
         cache: instead of `num_blocks`/`block_size`/`quant`, a cache to serve from: any
             `KVCache` that answers `KVCacheManager` (paged, or quantized over paged), empty.
     """
@@ -139,17 +142,22 @@ class BatchedInferenceEngine:
     def __init__(self, model: TransformerLM, num_blocks: int | None = None,
                  block_size: int = 16, max_num_batched_tokens: int = 256,
                  max_num_seqs: int = 256, *, quant: KVQuantConfig | None = None,
-                 cache: KVCache | None = None,
+                 kv_cache_dtype: str = "auto", cache: KVCache | None = None,
                  preemption: PreemptionPolicy | None = None) -> None:
         self.model = model
         if cache is None:
             if num_blocks is None:
                 raise ValueError("give num_blocks (the engine builds a paged cache) or a cache")
-            config = model.cache_config(1, model.config.max_seq_len, block_size=block_size)
+            if quant is not None and kv_cache_dtype != "auto":
+                raise ValueError("give quant (any scheme, dequantized on read) or "
+                                 "kv_cache_dtype (codes the kernels read), not both")
+            config = model.cache_config(1, model.config.max_seq_len, block_size=block_size,
+                                        kv_cache_dtype=kv_cache_dtype)
             cache = PagedKVCache(config, num_blocks) if quant is None else QuantizedKVCache(
                 config, quant, lambda c: PagedKVCache(c, num_blocks))
-        elif num_blocks is not None or quant is not None:
-            raise ValueError("give either a cache or num_blocks/quant to build one, not both")
+        elif num_blocks is not None or quant is not None or kv_cache_dtype != "auto":
+            raise ValueError("give either a cache or num_blocks/quant/kv_cache_dtype to build "
+                             "one, not both")
         if not (isinstance(cache, KVCache) and isinstance(cache, KVCacheManager)):
             raise ValueError(f"the engine serves from a cache with blocks to manage (a "
                              f"PagedKVCache, or a QuantizedKVCache over one); got "

@@ -42,6 +42,7 @@ from enum import Enum
 import torch
 
 from kvlib.cache.block_manager import SequenceBlocks
+from kvlib.cache.storage import BlockData
 from kvlib.checks import require_int
 from kvlib.contract import KVCacheManager
 from kvlib.preemption import PreemptionPolicy, Recompute
@@ -83,13 +84,15 @@ class Handoff:
     request: Request
     output_ids: tuple[int, ...]  # generated so far (the newest one not in the cache yet)
     blocks: SequenceBlocks  # its cache blocks, as the manager exported them
-    data: tuple[torch.Tensor, ...]  # per cache group (L_g, 2, n, Hkv, BS, D)
+    # per cache group (L_g, 2, n, Hkv, BS, D), with (L_g, 2, n, Hkv, BS) scales beside codes
+    data: tuple[BlockData, ...]
     rng_state: torch.Tensor | None  # its generator's state (seeded sampling), else None
 
     @property
     def nbytes(self) -> int:
         """Bytes of cache data that move (what a link carries; the rest is a few ints)."""
-        return sum(d.nbytes for d in self.data)
+        return sum(t.nbytes for d in self.data for t in ((d,) if isinstance(d, torch.Tensor)
+                                                          else d))
 
 
 class Status(str, Enum):

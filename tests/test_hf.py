@@ -344,8 +344,8 @@ def test_window_on_every_layer_or_on_some():
 
 
 @pytest.mark.parametrize(("fields", "message"), [
-    ({"sliding_window": 0}, "sliding_window must be a positive int"),
-    ({"sliding_window": True}, "sliding_window must be a positive int"),
+    ({"sliding_window": 0}, "sliding_window must be an int >= 1"),
+    ({"sliding_window": True}, "sliding_window must be an int >= 1"),
     ({"sliding_layers": (0,)}, "given without a sliding_window"),
     ({"sliding_window": 4, "sliding_layers": (4,)}, r"distinct layer indices in \[0, 4\)"),
     ({"sliding_window": 4, "sliding_layers": (1, 1)}, "distinct layer indices"),

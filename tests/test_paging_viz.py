@@ -80,7 +80,7 @@ def test_draw_pool_fills_slots_and_labels_reference_counts(ax):
     assert len(slots) == 6 * 4
     assert sum(filled for _, filled in slots) == 4 + 4 + 1 + 2 + 4  # blocks 0, 1, 2, 4; cached 5
     texts = [t.get_text() for t in ax.texts]
-    for label in ("ref 2", "ref 1", "free", "cached", "#5", "2→#4", "seq 1 (10 tokens)"):
+    for label in ("ref 2", "ref 1", "free", "cached", "#5", "2→#4", "seq 1\n10 tokens"):
         assert label in texts
     assert texts.count("ref 2") == 2 and texts.count("ref 1") == 2
     outlines = [p for p in ax.patches if isinstance(p, Rectangle) and p.get_width() == 4

@@ -44,6 +44,7 @@ import torch
 from kvlib.cache.block_manager import SequenceBlocks
 from kvlib.cache.blocks import hash_block_tokens
 from kvlib.cache.paged import PagedKVCache
+from kvlib.cache.storage import BlockData
 from kvlib.config import CacheConfig
 from kvlib.contract import PagedKV, StepBatch
 
@@ -109,9 +110,11 @@ class OffloadingKVCache:
 
     @property
     def block_bytes(self) -> int:
-        """Bytes one block holds over all layers of its group, K and V (group 0)."""
-        pool = self.device.storage.pools[0]
-        return pool[:, :, 0].nbytes
+        """Bytes one block holds over all layers of its group, K and V (group 0), scales
+        included for a pool of codes."""
+        storage = self.device.storage
+        scales = 0 if storage.scales is None else storage.scales[0][:, :, 0].nbytes
+        return storage.pools[0][:, :, 0].nbytes + scales
 
     @property
     def seq_ids(self) -> list[int]:
@@ -162,11 +165,11 @@ class OffloadingKVCache:
             if held:
                 tier.release(held)
 
-    def export_sequence(self, seq_id: int) -> tuple[SequenceBlocks, list[torch.Tensor]]:
+    def export_sequence(self, seq_id: int) -> tuple[SequenceBlocks, list[BlockData]]:
         return self.device.export_sequence(seq_id)
 
     def import_sequence(self, seq_id: int, blocks: SequenceBlocks,
-                        data: Sequence[torch.Tensor]) -> None:
+                        data: Sequence[BlockData]) -> None:
         self.device.import_sequence(seq_id, blocks, data)
 
     def check_invariants(self) -> None:
@@ -224,12 +227,21 @@ class OffloadingKVCache:
         one memcpy per block, each a (L_g, 2, Hkv, BS, D) tile); the bytes copied."""
         copied = 0
         for g, (olds, news) in enumerate(zip(src_ids, dst_ids)):
-            a, b = src.storage.pools[g], dst.storage.pools[g]  # (L_g, 2, NB + 1, Hkv, BS, D)
             for old, new in zip(olds, news):
                 if old is not None:
-                    b[:, :, new].copy_(a[:, :, old], non_blocking=self._non_blocking)
-                    copied += b[:, :, new].nbytes
+                    copied += self._copy_block(src, dst, g, old, new)
         return copied
+
+    def _copy_block(self, src: PagedKVCache, dst: PagedKVCache, group: int, old: int,
+                    new: int) -> int:
+        """Block `old` of `src` into block `new` of `dst` (its scales too, for a pool of
+        INT8 or FP8 codes); the bytes copied."""
+        pairs = [(src.storage.pools[group], dst.storage.pools[group])]  # (L_g, 2, NB+1, Hkv, BS, D)
+        if src.storage.scales is not None:  # (L_g, 2, NB + 1, Hkv, BS)
+            pairs.append((src.storage.scales[group], dst.storage.scales[group]))
+        for a, b in pairs:
+            b[:, :, new].copy_(a[:, :, old], non_blocking=self._non_blocking)
+        return sum(b[:, :, new].nbytes for _, b in pairs)
 
     # -- the second-level prefix cache ----------------------------------------------------------
     def _demote(self, group: int, block_id: int, block_hash: int) -> None:
@@ -242,9 +254,7 @@ class OffloadingKVCache:
         if alloc.lookup(block_hash) is not None or alloc.num_free_blocks == 0:
             return
         (block,) = alloc.allocate(1)
-        src = self.device.storage.pools[group][:, :, block_id]  # (L_g, 2, Hkv, BS, D)
-        self.host.storage.pools[group][:, :, block.block_id].copy_(
-            src, non_blocking=self._non_blocking)
+        self._copy_block(self.device, self.host, group, block_id, block.block_id)
         alloc.cache_block(block, block_hash)
         alloc.free([block])  # free but findable, in the host's LRU order
         self.num_demoted_blocks += 1
@@ -279,9 +289,7 @@ class OffloadingKVCache:
                 if dev.num_free_blocks == 0:
                     break
                 (block,) = dev.allocate(1)
-                self.device.storage.pools[g][:, :, block.block_id].copy_(
-                    self.host.storage.pools[g][:, :, src.block_id],
-                    non_blocking=self._non_blocking)
+                self._copy_block(self.host, self.device, g, src.block_id, block.block_id)
                 dev.cache_block(block, h)
                 pinned_dev.append(block)
                 self.num_promoted_blocks += 1

@@ -15,7 +15,8 @@ blocks with NIXL, Mooncake with its transfer engine). Per request:
                        the shape and dtype of each group's data)
     decode -> prefill: ACCEPT, or REFUSE (block size, dtype, heads or groups do not match,
                        or the request could never fit); no answer yet while it has no room
-    prefill -> decode: the blocks' data, one tensor per cache group, and the random state
+    prefill -> decode: the blocks' data per cache group (codes and scales for an INT8 or
+                       FP8 pool), and the random state
     decode -> prefill: IMPORTED, and the prefill engine frees the request's blocks
 
 Either side changes nothing on a refusal: the prefill engine keeps the request and decodes it
@@ -41,6 +42,7 @@ import torch.distributed as dist
 
 from kvlib.cache.block_manager import SequenceBlocks
 from kvlib.cache.groups import CacheGroup
+from kvlib.cache.storage import BlockData
 from kvlib.engine import BatchedInferenceEngine
 from kvlib.model import TransformerLM
 from kvlib.sampling import SamplingParams
@@ -48,7 +50,14 @@ from kvlib.scheduler import Handoff, Request
 
 PREFILL, DECODE = 0, 1  # ranks
 ACCEPT, REFUSE, IMPORTED = 1, 0, 2  # the decode side's answers
-DTYPES = {str(t): t for t in (torch.float64, torch.float32, torch.bfloat16, torch.float16)}
+DTYPES = {str(t): t for t in (torch.float64, torch.float32, torch.bfloat16, torch.float16,
+                               torch.int8, torch.float8_e4m3fn)}
+
+
+def _parts(data: BlockData) -> tuple[torch.Tensor, ...]:
+    """A group's exported blocks as the tensors that travel: the pool rows, and their
+    scales beside them for a pool of INT8 or FP8 codes."""
+    return (data,) if isinstance(data, torch.Tensor) else tuple(data)
 
 
 @dataclass(frozen=True)
@@ -94,7 +103,8 @@ def header(handoff: Handoff, index: int) -> dict[str, Any]:
                    "block_ids": [list(ids) for ids in b.block_ids],
                    "token_ids": None if b.token_ids is None else list(b.token_ids),
                    "hashes": list(b.hashes)},
-        "data": [{"shape": list(d.shape), "dtype": str(d.dtype)} for d in handoff.data],
+        "data": [[{"shape": list(t.shape), "dtype": str(t.dtype)} for t in _parts(d)]
+                 for d in handoff.data],
         "rng_bytes": 0 if handoff.rng_state is None else handoff.rng_state.numel(),
     }
 
@@ -120,17 +130,18 @@ def check_header(engine: BatchedInferenceEngine, h: dict[str, Any]) -> list[int]
     dtype, heads, a table longer than it allows); else the blocks each group needs."""
     blocks = _blocks(h)
     manager = engine.cache.manager
-    pools = engine.cache.storage.pools
+    storage = engine.cache.storage
     if blocks.block_size != manager.block_size or blocks.groups != manager.groups:
         raise ValueError(f"blocks of {blocks.block_size} tokens in groups "
                          f"{[g.kind for g in blocks.groups]} do not fit blocks of "
                          f"{manager.block_size} in {[g.kind for g in manager.groups]}")
-    for g, (d, pool) in enumerate(zip(h["data"], pools)):
+    for g, parts in enumerate(h["data"]):
         n = sum(b is not None for b in blocks.block_ids[g])
-        want = [pool.shape[0], 2, n, *pool.shape[3:]]
-        if d["shape"] != want or d["dtype"] != str(pool.dtype):
-            raise ValueError(f"group {g}: {d['dtype']} blocks {d['shape']} do not match this "
-                             f"cache's {pool.dtype} {want} (L_g, 2, n, Hkv, BS, D)")
+        likes = [storage.pools[g]] + ([] if storage.scales is None else [storage.scales[g]])
+        wanted = [{"shape": [t.shape[0], 2, n, *t.shape[3:]], "dtype": str(t.dtype)}
+                  for t in likes]  # (L_g, 2, n, Hkv, BS, D), and (L_g, 2, n, Hkv, BS) scales
+        if parts != wanted:
+            raise ValueError(f"group {g}: blocks {parts} do not match this cache's {wanted}")
     needs = [sum(b is not None for b in ids) for ids in blocks.block_ids]
     for need, alloc in zip(needs, manager.allocators):
         if need > alloc.num_blocks:
@@ -173,7 +184,8 @@ def send_request(handoff: Handoff, index: int, dst: int = DECODE) -> Transfer:
     answered = time.perf_counter()
     if accepted:
         for d in handoff.data:
-            dist.send(d.contiguous(), dst)
+            for t in _parts(d):
+                dist.send(t.contiguous(), dst)
         if handoff.rng_state is not None:
             dist.send(handoff.rng_state, dst)
         accepted = _await_answer(dst) == IMPORTED
@@ -185,16 +197,18 @@ def send_request(handoff: Handoff, index: int, dst: int = DECODE) -> Transfer:
 def receive_request(engine: BatchedInferenceEngine, h: dict[str, Any], src: int = PREFILL) -> int:
     """After ACCEPT: receive the blocks into a staging buffer, then import; the request's id
     in `engine`. A peer that fails mid-way raises here, and nothing was imported."""
-    data = tuple(torch.empty(d["shape"], dtype=DTYPES[d["dtype"]]) for d in h["data"])
-    for d in data:
-        dist.recv(d, src)
+    data = [tuple(torch.empty(t["shape"], dtype=DTYPES[t["dtype"]]) for t in parts)
+            for parts in h["data"]]
+    for parts in data:
+        for t in parts:
+            dist.recv(t, src)
     rng = None
     if h["rng_bytes"]:
         rng = torch.empty(h["rng_bytes"], dtype=torch.uint8)
         dist.recv(rng, src)
     device = engine.model.embed.weight.device
     handoff = Handoff(_request(h), tuple(h["output_ids"]), _blocks(h),
-                      tuple(d.to(device) for d in data), rng)
+                      tuple(_on(parts, device) for parts in data), rng)
     return engine.import_request(handoff)
 
 
@@ -287,3 +301,9 @@ def merged_outputs(results: Sequence[dict[str, Any]], num_requests: int) -> list
     if missing:
         raise ValueError(f"requests {missing} finished on neither rank")
     return [out[i] for i in range(num_requests)]
+
+
+def _on(parts: tuple[torch.Tensor, ...], device: torch.device) -> BlockData:
+    """Received tensors as `read_blocks` gives them, on the engine's device."""
+    moved = tuple(t.to(device) for t in parts)
+    return moved[0] if len(moved) == 1 else moved
