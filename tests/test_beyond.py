@@ -1,19 +1,17 @@
 """Chapter 10's helpers: the cost model of links, routers, the serving simulator (checked
-against the real engine's schedule), the measurements, widgets and drawings."""
+against the real engine's schedule), the measurements and widgets (its drawings are checked
+with every other in tests/test_viz_style.py)."""
 
 from __future__ import annotations
 
-import re
 import statistics
 
 import matplotlib
 
 matplotlib.use("Agg")
 
-import matplotlib.pyplot as plt  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from matplotlib.text import Text  # noqa: E402
 
 from kvlib.analysis import GPUS, PRESETS  # noqa: E402
 from kvlib.config import ModelConfig  # noqa: E402
@@ -25,8 +23,6 @@ from kvlib.model import TransformerLM  # noqa: E402
 from kvlib.preemption import Recompute, Swap  # noqa: E402
 from kvlib.routing import PrefixAware, RoundRobin, prefix_hashes  # noqa: E402
 from kvlib.scheduler import Request  # noqa: E402
-from kvlib.viz import beyond as bviz  # noqa: E402
-from kvlib.viz import style  # noqa: E402
 from kvlib.widgets import beyond as wb  # noqa: E402
 
 LLAMA = PRESETS["llama-3-8b"]
@@ -176,57 +172,3 @@ def test_disaggregation_widget_states():
     assert statistics.mean(slow.disaggregated.ttft_s) > statistics.mean(fast.disaggregated.ttft_s)
     widget = wb.disagg_widget(states)
     assert "time per output token" in wb.disagg_html(slow) and widget.children
-
-
-def _drawings():
-    rows = [bx.SwapVsRecompute(n, 1e-5 * n, 1e-3 * n, 1000 * n) for n in (64, 256, 1024)]
-    states = wb.disagg_states(links=("400 Gb/s network",), prompts=(128, 256), loads=(0.5,),
-                              num_requests=4, max_new_tokens=3, num_blocks=128)
-    routing = wb.routing_states(cl.LinearStepCosts(1e-3, 1e-5, 1e-4), replicas=(2, 4),
-                                shares=(0.5,), num_requests=16, prompt_len=64, num_prefixes=4,
-                                num_blocks=16)
-    models = {n: PRESETS[n] for n in ("llama-3-8b", "gpt2")}
-
-    def one(draw, n=1):
-        fig, axes = style.panels(n)
-        draw(axes if n > 1 else axes[0])
-        return fig
-
-    return {
-        "move_over_compute": lambda: one(lambda ax: bviz.draw_move_over_compute(
-            ax, models, H100, list(LINKS))),
-        "swap_vs_recompute": lambda: one(lambda ax: bviz.draw_swap_vs_recompute(
-            ax, rows, [(r.swap_s, r.recompute_s) for r in rows], "cpu")),
-        "disagg_sweep": lambda: one(lambda axes: bviz.draw_disagg_sweep(
-            axes, states, "400 Gb/s network"), 2),
-        "tp_cache": lambda: one(lambda ax: bviz.draw_tp_cache(
-            ax, ["llama-3-70b", "qwen2.5-7b"], [1, 2, 4, 8, 16])),
-        "routing": lambda: one(lambda axes: bviz.draw_routing(axes, routing, 0.5), 2),
-    }
-
-
-NUMBER = re.compile(r"^[-−+]?[\d.,]+(e[-+]?\d+)?\s*[%x]?$")
-
-
-def _is_number(text: str) -> bool:
-    plain = re.sub(r"[${}\\]|mathdefault|\^", "", text).strip()
-    return bool(plain) and bool(NUMBER.match(plain))
-
-
-def test_drawings_follow_the_book_style():
-    """The rule of kvlib.viz.style: no text below its minimum, no figure wider than the
-    column, every axis of numbers labelled."""
-    for name, make in _drawings().items():
-        with style.context():
-            fig = make()
-            fig.canvas.draw()
-            small = {t.get_text()[:30] for t in fig.findobj(Text) if t.get_visible()
-                     and t.get_text().strip() and t.get_fontsize() < style.MIN_FONT_PT - 1e-9}
-            assert not small, f"{name}: text below {style.MIN_FONT_PT} pt: {sorted(small)[:6]}"
-            assert fig.get_figwidth() <= style.COLUMN_IN + 1e-9, name
-            for ax in fig.axes:
-                for axis, label in ((ax.xaxis, ax.get_xlabel()), (ax.yaxis, ax.get_ylabel())):
-                    ticks = [t.get_text() for t in axis.get_ticklabels() if t.get_text()]
-                    if ticks and all(map(_is_number, ticks)):
-                        assert label.strip(), f"{name}: an axis of numbers without a label"
-            plt.close(fig)
