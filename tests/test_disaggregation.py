@@ -174,3 +174,24 @@ def test_header_round_trips(model):
     _, _, handoff = _handoff(model, Request(list(range(9)), dg.SamplingParams(0.7, 5, 0.9, 11), 4))
     h = dg.header(handoff, 3)
     assert dg._blocks(h) == handoff.blocks and dg._request(h) == handoff.request
+
+
+def test_an_int8_cache_moves_its_codes_and_scales(model):
+    """A pool of INT8 codes hands over (codes, scales) per group; an engine of the same
+    encoding takes them and decodes what the sender would have; a full-precision engine's
+    header check refuses them."""
+    request = Request(list(range(12)), max_new_tokens=6)
+    src, rid, handoff = _handoff(model, request, kv_cache_dtype="int8")
+    assert all(isinstance(d, tuple) and d[0].dtype == torch.int8 for d in handoff.data)
+    assert handoff.nbytes == sum(t.nbytes for d in handoff.data for t in d)
+    h = dg.header(handoff, 0)
+    plain = BatchedInferenceEngine(model, num_blocks=20, block_size=4)
+    with pytest.raises(ValueError, match="do not match"):
+        dg.check_header(plain, h)
+    dst = BatchedInferenceEngine(model, num_blocks=20, block_size=4, kv_cache_dtype="int8")
+    assert dg.check_header(dst, h) == [len(handoff.blocks.block_ids[0])]
+    new = dst.import_request(handoff)
+    dst.run(show_progress=False)
+    src.run(show_progress=False)
+    assert dst.output(new).token_ids == src.output(rid).token_ids
+    assert dst.cache.num_used_blocks == 0

@@ -173,3 +173,22 @@ def test_recompute_is_the_default_and_keeps_nothing():
     assert isinstance(engine.scheduler.preemption, Recompute)
     with pytest.raises(ValueError, match="keeps no tokens"):
         Recompute().resume(engine.cache, 0, 4, 5)
+
+
+def test_swap_keeps_codes_and_scales_of_an_int8_pool():
+    """A pool of INT8 codes swaps its per-row scales with its codes, both ways."""
+    cache = small_cache(kv_cache_dtype="int8")
+    assert cache.allocate(0, 10)
+    ids = cache.block_table(0)
+    pool, scales = cache.device.storage.pools[0], cache.device.storage.scales[0]
+    pool[:, :, ids] = torch.randint(-127, 128, pool[:, :, ids].shape, dtype=torch.int8)
+    scales[:, :, ids] = torch.rand(scales[:, :, ids].shape) + 0.5  # (L, 2, n, Hkv, BS)
+    codes, rows = pool[:, :, ids].clone(), scales[:, :, ids].clone()
+    assert cache.swap_out(0) == codes.nbytes + rows.nbytes == 3 * cache.block_bytes
+    host = cache.host.block_table(0)
+    assert torch.equal(cache.host.storage.pools[0][:, :, host], codes)
+    assert torch.equal(cache.host.storage.scales[0][:, :, host], rows)
+    assert cache.swap_in(0, num_tokens=10)
+    back = cache.block_table(0)
+    assert torch.equal(pool[:, :, back], codes) and torch.equal(scales[:, :, back], rows)
+    cache.check_invariants()
