@@ -255,3 +255,12 @@ def test_the_chapters_simulator_widget_stays_light():
               for s in mid.children]
     assert len(tables) == 36 and all(isinstance(t, W.HTML) for t in tables)
     assert sum(len(t.value) for t in tables) < 200_000  # a few kB per state
+
+
+def test_draw_group_tables_hatches_the_null_block_entries(ax):
+    tables = {"windowed": [9, 9, 3, 4], "global": [0, 1, 2, 5]}
+    pviz.draw_group_tables(ax, tables, {"windowed": 9, "global": 9}, block_size=8)
+    hatched = [p for p in ax.patches if p.get_hatch()]
+    assert len(ax.patches) == 8 and len(hatched) == 2  # the windowed group's two freed entries
+    labels = [t.get_text() for t in ax.texts]
+    assert "windowed\n2 of 4 held" in labels and "global\n4 of 4 held" in labels

@@ -130,6 +130,9 @@ DRAWINGS = {
         fr.sample_requests("alpaca", 300, 512, seed=0), max_len=512, block_size=16,
         budget=0))),
     "block_size_sweep": _fragmentation_sweep,
+    "group_tables": _one(lambda ax: pviz.draw_group_tables(
+        ax, {"windowed": [15, 15, 3, 4], "global": [0, 1, 2, 5]}, {"windowed": 15, "global": 15},
+        block_size=8)),
     "timeline": _one(lambda ax: bviz.draw_timeline(ax, _trace().metrics, [0] * 6, "t")),
     "block_use": _one(lambda ax: bviz.draw_block_use(ax, _trace().metrics, 40)),
     "tokens_per_step": _one(lambda ax: bviz.draw_tokens_per_step(ax, _trace().metrics, 64)),

@@ -302,10 +302,10 @@ def draw_group_tables(ax: Axes, tables: Mapping[str, Sequence[int]], null_blocks
                                    edgecolor="#555555", lw=0.6, alpha=0.85 if held else 1))
             if len(table) <= 40:
                 ax.text(j + 0.46, y + 0.45, str(b) if held else "∅", ha="center",
-                        va="center", fontsize=7, color="white" if held else "#555555")
+                        va="center", fontsize=9.5, color="white" if held else "#555555")
         live = sum(b != null for b in table)
         ax.text(-0.4, y + 0.45, f"{name}\n{live} of {len(table)} held", ha="right",
-                va="center", fontsize=9)
+                va="center", fontsize=10)
     width = max(len(t) for t in tables.values())
     ax.set_xlim(-0.2, width + 0.2)
     ax.set_ylim(-1.3 * (len(tables) - 1) - 0.3, 1.2)
