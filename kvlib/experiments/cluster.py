@@ -32,7 +32,7 @@ from kvlib.analysis import Hardware, dtype_bytes, kv_bytes_per_token, param_coun
 from kvlib.cache.block_manager import BlockManager
 from kvlib.cache.groups import CacheGroup
 from kvlib.config import ModelConfig
-from kvlib.engine import EngineMetrics
+from kvlib.outputs import EngineMetrics
 from kvlib.routing import Router
 from kvlib.scheduler import Request, ScheduledStep, Scheduler, SequenceState, Status
 
