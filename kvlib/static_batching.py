@@ -29,8 +29,8 @@ from kvlib.bench import progress
 from kvlib.cache.paged import PagedKVCache
 from kvlib.checks import require_int
 from kvlib.config import CacheConfig
-from kvlib.engine import EngineMetrics, GenerateResult, RequestOutput, StepRecord
 from kvlib.model import TransformerLM
+from kvlib.outputs import EngineMetrics, GenerateResult, RequestOutput, StepRecord
 from kvlib.sampling import SamplingParams, sample_next
 
 

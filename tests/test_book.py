@@ -13,7 +13,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_NOTEBOOK_BYTES = 3 * 2**20  # every state of every widget is stored in the notebook
-TIMING_CALLS = re.compile(r"\b(measure|sweep|decode_timings|time_[a-z_]+)\(")
+TIMING_CALLS = re.compile(r"\b(measure|sweep|decode_timings|time_[a-z_]+)\(|\.wall_s\b")
 
 
 def _toc_files() -> list[str]:

@@ -25,9 +25,13 @@ from kvlib.cache.quant_memory import PRESETS as QUANT  # noqa: E402
 from kvlib.cache.quant_memory import memory  # noqa: E402
 from kvlib.config import Layout  # noqa: E402
 from kvlib.experiments import batching as bx  # noqa: E402
+from kvlib.experiments import beyond as byx  # noqa: E402
+from kvlib.experiments import cluster as cl  # noqa: E402
 from kvlib.experiments import flash as fx  # noqa: E402
 from kvlib.experiments import fragmentation as fr  # noqa: E402
+from kvlib.links import LINKS  # noqa: E402
 from kvlib.viz import batching as bviz  # noqa: E402
+from kvlib.viz import beyond as byviz  # noqa: E402
 from kvlib.viz import decoding as dviz  # noqa: E402
 from kvlib.viz import flash as fviz  # noqa: E402
 from kvlib.viz import gpu as gviz  # noqa: E402
@@ -38,6 +42,7 @@ from kvlib.viz import quantization as qviz  # noqa: E402
 from kvlib.viz import style  # noqa: E402
 from kvlib.viz import training as tviz  # noqa: E402
 from kvlib.widgets import batching as bw  # noqa: E402
+from kvlib.widgets import beyond as byw  # noqa: E402
 from kvlib.widgets import paging as pw  # noqa: E402
 
 LLAMA = analysis.PRESETS["llama-3-8b"]
@@ -62,6 +67,33 @@ def _trace():
         reqs = bx.chapter_requests("long tail", 6)
         _TRACE["t"] = bx.run_trace(bx.tiny_model(), reqs, [0] * 6, num_blocks=40, block_size=8)
     return _TRACE["t"]
+
+
+def _disagg_states():
+    if "disagg" not in _TRACE:
+        _TRACE["disagg"] = byw.disagg_states(links=("400 Gb/s network",), prompts=(128, 256),
+                                             loads=(0.5,), num_requests=4, max_new_tokens=3,
+                                             num_blocks=128)
+    return _TRACE["disagg"]
+
+
+def _routing_states():
+    if "routing" not in _TRACE:
+        _TRACE["routing"] = byw.routing_states(
+            cl.LinearStepCosts(1e-3, 1e-5, 1e-4), replicas=(2, 4), shares=(0.5,),
+            num_requests=16, prompt_len=64, num_prefixes=4, num_blocks=16)
+    return _TRACE["routing"]
+
+
+def _panels(draw, n):
+    def make():
+        fig, axes = style.panels(n)
+        draw(axes)
+        return fig
+    return make
+
+
+_SWAPS = [byx.SwapVsRecompute(n, 1e-5 * n, 1e-3 * n, 1000 * n) for n in (64, 256, 1024)]
 
 
 def _one(draw):
@@ -141,6 +173,16 @@ DRAWINGS = {
     "bits_per_byte": _one(lambda ax: tviz.plot_bits_per_byte(ax, TRAINING_RUN["metrics"])),
     "gpu_memory": _one(lambda ax: mviz.plot_gpu_memory(ax, real_models.REAL_MODELS, 4096, 16,
                                                        "bf16", 80, 8)),
+    "move_over_compute": _one(lambda ax: byviz.draw_move_over_compute(
+        ax, {n: analysis.PRESETS[n] for n in ("llama-3-8b", "gpt2")},
+        analysis.GPUS["H100-SXM"], list(LINKS))),
+    "swap_vs_recompute": _one(lambda ax: byviz.draw_swap_vs_recompute(
+        ax, _SWAPS, [(r.swap_s, r.recompute_s) for r in _SWAPS], "cpu")),
+    "disagg_sweep": _panels(lambda axes: byviz.draw_disagg_sweep(
+        axes, _disagg_states(), "400 Gb/s network"), 2),
+    "tp_cache": _one(lambda ax: byviz.draw_tp_cache(
+        ax, ["llama-3-70b", "qwen2.5-7b"], [1, 2, 4, 8, 16])),
+    "routing": _panels(lambda axes: byviz.draw_routing(axes, _routing_states(), 0.5), 2),
 }
 
 

@@ -72,6 +72,13 @@ class PagedStorage:
         g, i = self._where[layer]
         return self.scales[g][i, 0], self.scales[g][i, 1]
 
+    def pin_memory(self) -> None:
+        """Page-lock host pools, so copies to and from a GPU run asynchronously at the
+        link's full speed (a host tier's pools, kvlib.cache.offload)."""
+        self.pools = [p.pin_memory() for p in self.pools]
+        if self.scales is not None:
+            self.scales = [s.pin_memory() for s in self.scales]
+
     @property
     def nbytes(self) -> int:
         """Bytes of every pool (and its scales), null blocks included."""

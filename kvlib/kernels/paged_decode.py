@@ -264,7 +264,7 @@ if triton is not None:
         qk_scale, split_len, num_splits, window, sink_tokens,
         G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
         BS: tl.constexpr, TILE_N: tl.constexpr, DOT_DTYPE: tl.constexpr,
-        PRECISION: tl.constexpr,     ):
+        PRECISION: tl.constexpr):
         b = tl.program_id(0)
         kv_head = tl.program_id(1)
         split = tl.program_id(2)

@@ -14,7 +14,7 @@ from matplotlib.colors import ListedColormap
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
-from kvlib.engine import EngineMetrics
+from kvlib.outputs import EngineMetrics
 
 # 0 not arrived / done, 1 waiting, 2 prefill chunk, 3 decode, 4 preempted (back in the queue),
 # 5 padding (static batching: finished, but still fed because the batch is a rectangle)
