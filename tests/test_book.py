@@ -66,7 +66,8 @@ def test_first_cell_installs_kvlib_from_the_configured_repository(path):
     assert 'f"kvlib{EXTRAS} @ git+{REPO_URL}"' in setup and "NEEDED = (" in setup
     assert "raise RuntimeError(" in setup and "set REPO_URL" in setup and "check=True" not in setup
     assert "style.use()" in setup
-    uses_hf = any("from kvlib import hf" in "".join(c["source"]) for c in _code_cells(path))
+    imports_hf = re.compile(r"^from kvlib import [\w, ]*\bhf\b", re.MULTILINE)
+    uses_hf = any(imports_hf.search("".join(c["source"])) for c in _code_cells(path))
     assert ('EXTRAS = "[hf]"' in setup) == uses_hf, f"{path.name}: EXTRAS must match kvlib.hf use"
     tags = _code_cells(path)[0].get("metadata", {}).get("tags", [])
     assert "hide-input" in tags, f"{path.name}: fold the setup cell in the HTML (hide-input tag)"

@@ -55,6 +55,14 @@ def installed(tmp_path_factory) -> Path:
     return site
 
 
+def test_the_wheel_carries_the_book_model(installed):
+    """kvlib.book_model's checkpoint is package data: a pip install has all of it."""
+    shipped = ROOT / "kvlib" / "assets" / "stdlib-lm"
+    got = installed / "kvlib" / "assets" / "stdlib-lm"
+    assert {p.name for p in got.iterdir()} == {p.name for p in shipped.iterdir()}
+    assert (got / "model.safetensors").stat().st_size == (shipped / "model.safetensors").stat().st_size
+
+
 def test_a_chapter_runs_from_a_pip_install_outside_the_repository(installed, tmp_path):
     sys.path.insert(0, str(ROOT / "tools"))
     try:

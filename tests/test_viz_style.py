@@ -40,6 +40,7 @@ from kvlib.viz import models as mviz  # noqa: E402
 from kvlib.viz import paging as pviz  # noqa: E402
 from kvlib.viz import quantization as qviz  # noqa: E402
 from kvlib.viz import style  # noqa: E402
+from kvlib.viz import training as tviz  # noqa: E402
 from kvlib.widgets import batching as bw  # noqa: E402
 from kvlib.widgets import beyond as byw  # noqa: E402
 from kvlib.widgets import paging as pw  # noqa: E402
@@ -49,6 +50,15 @@ GPU_RESULT = {"device": "test GPU", "copy_TBps": 3.0,
               "rows": [{"B": b, "S": 4096, "kv_GB": 0.1 * b, "paged_ms": 0.05 * b,
                         "sdpa_ms": 0.04 * b, "gather_ms": 0.3 * b, "int8_ms": 0.03 * b}
                        for b in (1, 8, 32)]}
+TRAINING_RUN = {  # the shape of kvlib.book_model.training_run(), made-up numbers
+    "training": {"phases": [{"steps": 100, "seq_len": 512}, {"steps": 20, "seq_len": 2048}],
+                 "curve": {"step": list(range(10, 121, 10)),
+                           "train_loss": [8.0 / (1 + 0.1 * i) for i in range(12)]},
+                 "val_curve": {"step": [50, 100, 120], "loss": [5.0, 4.0, 3.8]}},
+    "metrics": {"bits_per_byte": 1.4, "heldout_files": 73, "heldout_bytes": 939_863,
+                "compressors_bits_per_byte": {"gzip -9": {"per_file": 2.1, "concatenated": 2.0},
+                                              "xz -9": {"per_file": 1.9, "concatenated": 1.5}}},
+}
 _TRACE = {}
 
 
@@ -159,6 +169,8 @@ DRAWINGS = {
     "cache_vs_context": _one(lambda ax: mviz.plot_cache_vs_context(
         ax, {n: real_models.REAL_MODELS[n] for n in ("llama-3.1-8b", "gemma-3-27b")},
         [1024, 8192, 65536])),
+    "loss_curves": _one(lambda ax: tviz.plot_loss_curves(ax, TRAINING_RUN)),
+    "bits_per_byte": _one(lambda ax: tviz.plot_bits_per_byte(ax, TRAINING_RUN["metrics"])),
     "gpu_memory": _one(lambda ax: mviz.plot_gpu_memory(ax, real_models.REAL_MODELS, 4096, 16,
                                                        "bf16", 80, 8)),
     "move_over_compute": _one(lambda ax: byviz.draw_move_over_compute(
