@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# The GPU check, in one run on a lent H100/H200 (about 4-6 minutes):
+# The GPU check, in one run on a lent H100/H200 (about 8-9 minutes):
 #   1. versions and the device;
 #   2. bench/gpu_decode.py $BENCH_ARGS alone on the GPU: correctness, medians of every path,
 #      other launch options of both kernels, copy bandwidth -> gpu_decode_<device>.json;
+#      then bench/gpu_engine.py alone: the engine against transformers (padded and
+#      continuous) on a Llama-3.2-1B-shaped model, each decode step against its floor, host
+#      syncs per step -> gpu_engine_<device>.json;
 #   3. then, side by side: the GPU tests (kernels = references in fp32/fp16/bf16; every cache,
 #      the model and the engine on CUDA in bf16 and fp16; chapter 7's helpers) and every
 #      chapter of the book ($NOTEBOOKS, default all) executed top to bottom on the GPU machine,
@@ -44,6 +47,9 @@ slug=$("$PY" -c "import torch; print(torch.cuda.get_device_name().lower().replac
 timeout 270 "$PY" bench/gpu_decode.py ${BENCH_ARGS:-} --out "$OUT/gpu_decode_${slug}.json" 2>&1 \
     | tee "$OUT/bench.log"
 echo "bench exit: $? after $((SECONDS - start)) s" | tee -a "$OUT/bench.log"
+timeout 240 "$PY" bench/gpu_engine.py --out "$OUT/gpu_engine_${slug}.json" 2>&1 \
+    | tee "$OUT/engine.log"
+echo "engine bench exit: $? after $((SECONDS - start)) s" | tee -a "$OUT/engine.log"
 
 # Step 3: tests and chapters side by side (timings in them are not recorded).
 ( timeout 280 "$PY" -m pytest -q -rfE -n 6 -p no:cacheprovider --durations=8 \
@@ -64,4 +70,5 @@ grep -h -v "IPKernelApp" /tmp/nb/*.log | grep -v "^\s*$" | head -400 > "$OUT/not
 echo "== pytest"; tail -n 25 "$OUT/pytest.log"
 echo "== notebooks"; grep -h "exit\|took\|Error" /tmp/nb/*.log | head -40
 echo "== bench"; tail -n 12 "$OUT/bench.log" | cut -c1-400
+echo "== engine"; tail -n 8 "$OUT/engine.log" | cut -c1-400
 echo "total $((SECONDS - start)) s"

@@ -4,7 +4,7 @@
 
 For every preset of `kvlib.cache.quant_memory.PRESETS` (plain INT8/INT4/FP8 per token, and
 the configurations of vLLM, llama.cpp, Hugging Face and KIVI):
-  bytes_per_token      all of it: codes, scales, zero points, the full-precision window,
+  bytes_per_token      all of it: codes, scales, zero points, the full-precision residual,
                        for Llama-3-8B's KV shape (32 layers, 8 KV heads, head dim 128)
   ratio_vs_fp16        an fp16 cache's bytes / these, next to the naive 16 / bits
   attn_rel_err         a decode step's attention output read through the cache, against

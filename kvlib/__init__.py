@@ -7,9 +7,10 @@ attention runs: reference, SDPA, chunked, fast paths), `cache` (flat, ring, page
 quantized caches; cache groups, the block manager, storage and step builder), `kernels`
 (fast paths beside their references), `model` (a Llama-style decoder), `sampling`,
 `scheduler` and `engine` (continuous batching over any paged cache), `static_batching` (its
-baseline), `analysis` (memory, FLOP and roofline formulas, model presets), `real_models`
-(caches of real models: sliding windows, MLA, tensor-parallel shards), `hf` (Hugging Face
-checkpoints of the Llama family, read from safetensors), `bench` (timing),
+baseline), `presets` (model shapes, GPU peaks), `analysis` (memory, FLOP and roofline
+formulas), `real_models` (caches of real models: sliding windows, MLA, tensor-parallel
+shards), `hf` (Hugging Face checkpoints of the Llama family, read from safetensors), `bench`
+(timing),
 `experiments` (the measurements chapters share), `viz` and `widgets` (for the chapters).
 """
 

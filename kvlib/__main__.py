@@ -1,7 +1,7 @@
 """`python -m kvlib`: a short demo that measures, then prints, what the book is about.
 
-The successor of the original design's `python kv_cache.py`: every number below is computed
-or timed on this machine as the demo runs (well under a minute on a 2-core CPU).
+Every number it prints is computed or timed on this machine as the demo runs (well under a
+minute on a 2-core CPU).
 """
 
 from __future__ import annotations

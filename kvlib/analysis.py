@@ -1,8 +1,9 @@
-"""Memory, FLOP and byte formulas for a Llama-style decoder, and presets of real model shapes.
+"""Memory, FLOP and byte formulas for a Llama-style decoder, and rooflines.
 
 Everything here is arithmetic on a `ModelConfig`: no tensors are made. FLOPs count 2 per
 multiply-add and cover the matrix products only; norms, RoPE, softmax and residual adds are
-lower order and left out.
+lower order and left out. The model shapes (`PRESETS`) and GPU peaks (`GPUS`, `Hardware`)
+live in `kvlib.presets` and are re-exported here: `analysis.PRESETS["llama-3-8b"]` works.
 
 A worked example: one token of Llama-3-8B's cache is 2 (K and V) x 32 layers x 8 KV heads x
 128 dims x 2 bytes = 131,072 bytes = 128 KiB in bf16, so 8,192 tokens of one sequence take
@@ -23,37 +24,17 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from kvlib.checks import require_int
 from kvlib.config import ModelConfig
+from kvlib.presets import GPUS, PRESETS, Hardware
 
-# Public shapes from each model's config.json. Read them; never modify the mapping.
-PRESETS: dict[str, ModelConfig] = {
-    # GPT-2 is not Llama-style: LayerNorm with biases, learned positions, a 2-matrix GELU MLP,
-    # biases on every projection. Its KV figures are exact (they depend only on layers, KV
-    # heads and head_dim); its param_count and FLOPs are those of a Llama-style model of the
-    # same shape (151,862,784 parameters), not GPT-2's published 124,439,808.
-    "gpt2": ModelConfig(
-        vocab_size=50257, d_model=768, num_layers=12, num_heads=12, num_kv_heads=12,
-        head_dim=64, ffn_dim=3072, max_seq_len=1024, tie_embeddings=True, name="gpt2"),
-    "smollm2-135m": ModelConfig(
-        vocab_size=49152, d_model=576, num_layers=30, num_heads=9, num_kv_heads=3,
-        head_dim=64, ffn_dim=1536, rope_theta=100_000.0, norm_eps=1e-5, max_seq_len=8192,
-        tie_embeddings=True, name="smollm2-135m"),
-    "llama-3-8b": ModelConfig(
-        vocab_size=128256, d_model=4096, num_layers=32, num_heads=32, num_kv_heads=8,
-        head_dim=128, ffn_dim=14336, rope_theta=500_000.0, norm_eps=1e-5, max_seq_len=8192,
-        name="llama-3-8b"),
-    "llama-3-70b": ModelConfig(
-        vocab_size=128256, d_model=8192, num_layers=80, num_heads=64, num_kv_heads=8,
-        head_dim=128, ffn_dim=28672, rope_theta=500_000.0, norm_eps=1e-5, max_seq_len=8192,
-        name="llama-3-70b"),
-    # Mistral-7B v0.2: rope_theta 1e6 and no sliding window, so a full cache is what it
-    # keeps. v0.1 has the same shapes but rope_theta 1e4 and a 4,096-token sliding window,
-    # which caps its cache at 4,096 tokens; ModelConfig has no window field to say that.
-    "mistral-7b": ModelConfig(
-        vocab_size=32000, d_model=4096, num_layers=32, num_heads=32, num_kv_heads=8,
-        head_dim=128, ffn_dim=14336, rope_theta=1_000_000.0, norm_eps=1e-5,
-        max_seq_len=32768, name="mistral-7b"),
-}
+__all__ = [
+    "GPUS", "PRESETS", "Hardware", "Operation", "StepCost", "decode_step_cost",
+    "decode_step_operations", "dtype_bytes", "flop_speedup", "generation_cost",
+    "kv_bytes_per_token", "kv_cache_bytes", "naive_attention_count", "param_count",
+    "prefill_cost", "roofline_seconds", "roofline_seconds_by_operation", "step_weight_bytes",
+    "weight_bytes",
+]
 
 _BYTES_BY_NAME = {"fp32": 4, "fp16": 2, "bf16": 2, "fp8": 1, "int8": 1}
 
@@ -70,11 +51,6 @@ def dtype_bytes(dtype: torch.dtype | str) -> int:
         return _BYTES_BY_NAME[dtype]
     raise ValueError(
         f"dtype must be a torch.dtype or one of {sorted(_BYTES_BY_NAME)}, got {dtype!r}")
-
-
-def _check_count(name: str, value: object, minimum: int) -> None:
-    if not (isinstance(value, int) and not isinstance(value, bool) and value >= minimum):
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,8 +75,8 @@ def kv_cache_bytes(cfg: ModelConfig, seq_len: int, batch_size: int = 1,
     >>> kv_cache_bytes(PRESETS["llama-3-70b"], 8192, batch_size=32) / 2**30
     80.0
     """
-    _check_count("seq_len", seq_len, 0)
-    _check_count("batch_size", batch_size, 1)
+    require_int("seq_len", seq_len, minimum=0)
+    require_int("batch_size", batch_size, minimum=1)
     return batch_size * seq_len * kv_bytes_per_token(cfg, dtype)
 
 
@@ -146,7 +122,7 @@ def step_weight_bytes(cfg: ModelConfig, num_tokens: int = 1,
     >>> step_weight_bytes(PRESETS["gpt2"]) == weight_bytes(PRESETS["gpt2"])  # tied
     True
     """
-    _check_count("num_tokens", num_tokens, 1)
+    require_int("num_tokens", num_tokens, minimum=1)
     if cfg.tie_embeddings:
         return weight_bytes(cfg, dtype)
     table = cfg.vocab_size * cfg.d_model
@@ -239,7 +215,7 @@ def decode_step_cost(cfg: ModelConfig, context_len: int, *, cached: bool,
     >>> decode_step_cost(tiny, 3, cached=False).total_flops  # 4*96 + 16*(1+2+3+4) + 4*192 + 80
     1392
     """
-    _check_count("context_len", context_len, 0)
+    require_int("context_len", context_len, minimum=0)
     if not cached:
         weights = step_weight_bytes(cfg, context_len + 1, dtype)
         return _causal_pass(cfg, context_len + 1, bytes_moved=weights)
@@ -258,7 +234,7 @@ def prefill_cost(cfg: ModelConfig, prompt_len: int, *,
 
     Same FLOPs as an uncached step at context prompt_len - 1; bytes add the cache writes.
     """
-    _check_count("prompt_len", prompt_len, 1)
+    require_int("prompt_len", prompt_len, minimum=1)
     written = prompt_len * kv_bytes_per_token(cfg, dtype)
     return _causal_pass(cfg, prompt_len, step_weight_bytes(cfg, prompt_len, dtype) + written)
 
@@ -280,8 +256,8 @@ def generation_cost(cfg: ModelConfig, prompt_len: int, new_tokens: int, *, cache
     >>> [generation_cost(tiny, 4, 2, cached=c).total_flops for c in (True, False)]
     [1840, 3152]
     """
-    _check_count("prompt_len", prompt_len, 1)
-    _check_count("new_tokens", new_tokens, 1)
+    require_int("prompt_len", prompt_len, minimum=1)
+    require_int("new_tokens", new_tokens, minimum=1)
     contexts = range(prompt_len - 1, prompt_len - 1 + new_tokens)
     if not cached:
         steps = [decode_step_cost(cfg, s, cached=False, dtype=dtype) for s in contexts]
@@ -301,8 +277,8 @@ def generation_cost(cfg: ModelConfig, prompt_len: int, new_tokens: int, *, cache
 def naive_attention_count(seq_len: int) -> int:
     """Score entries of ONE layer's, ONE head's full Q K^T over `seq_len` tokens: S x S.
 
-    The original design's table compared "prefill cost 16,777,216 vs cached decode 4,096"
-    at 4,096 tokens. Those are this count (S x S) against S, the scores of one new query,
+    A widely quoted table compares "prefill cost 16,777,216 vs cached decode 4,096" at
+    4,096 tokens. Those are this count (S x S) against S, the scores of one new query,
     for a single layer and head. Their ratio is S, but it is not the speedup of a cache:
     it leaves out the causal mask (which halves the recomputed scores), the projections,
     MLP and lm_head, and every other layer and head. `flop_speedup` counts the whole step.
@@ -311,7 +287,7 @@ def naive_attention_count(seq_len: int) -> int:
     >>> naive_attention_count(4096)
     16777216
     """
-    _check_count("seq_len", seq_len, 0)
+    require_int("seq_len", seq_len, minimum=0)
     return seq_len * seq_len
 
 
@@ -335,30 +311,6 @@ def flop_speedup(cfg: ModelConfig, context_len: int) -> float:
 # ---------------------------------------------------------------------------------------------
 # Roofline: the time a step cannot beat on a given device
 # ---------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Hardware:
-    """A device's datasheet peaks: dense 16-bit tensor FLOP/s and memory bytes/s."""
-
-    name: str
-    peak_flops: float
-    bandwidth: float
-
-    @property
-    def ridge_point(self) -> float:
-        """FLOPs per byte above which a step is compute bound, below which memory bound."""
-        return self.peak_flops / self.bandwidth
-
-
-# Vendor datasheet figures: dense bf16 tensor FLOP/s (no sparsity) and memory bandwidth.
-# Real kernels reach a fraction of them. All three hold Llama-3-8B in bf16 (15 GiB of
-# weights) with room for a cache: the L4 has 24 GB, the others 80 GB.
-GPUS: dict[str, Hardware] = {
-    "L4": Hardware("NVIDIA L4", 121e12, 300e9),
-    "A100-80GB": Hardware("NVIDIA A100 80GB SXM", 312e12, 2.039e12),
-    "H100-SXM": Hardware("NVIDIA H100 SXM", 989e12, 3.35e12),
-}
-
 
 def roofline_seconds(cost: StepCost, hw: Hardware) -> float:
     """A lower bound on a step's time: the slower of doing its FLOPs and moving its bytes.
@@ -420,8 +372,8 @@ def decode_step_operations(cfg: ModelConfig, context_len: int, batch_size: int =
     >>> attention.arithmetic_intensity  # H / Hkv = 2
     2.0
     """
-    _check_count("context_len", context_len, 0)
-    _check_count("batch_size", batch_size, 1)
+    require_int("context_len", context_len, minimum=0)
+    require_int("batch_size", batch_size, minimum=1)
     one = decode_step_cost(cfg, context_len, cached=True, dtype=dtype)
     matmul_flops = one.projection_flops + one.mlp_flops + one.lm_head_flops
     cache_bytes = (context_len + 1) * kv_bytes_per_token(cfg, dtype)  # read S, write 1

@@ -37,6 +37,18 @@ import math
 import torch
 
 
+def softmax_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype scores and softmax are computed in: float32, or the input's where it is wider.
+
+    fp16 and bf16 inputs get float32 scores (their own precision is too coarse for a sum of
+    exponentials); float64 keeps float64, so a float64 check stays exact to ~1e-15.
+
+    >>> softmax_dtype(torch.bfloat16), softmax_dtype(torch.float64)
+    (torch.float32, torch.float64)
+    """
+    return torch.promote_types(dtype, torch.float32)
+
+
 def attention_mask(q_positions: torch.Tensor, kv_lens: torch.Tensor, num_keys: int,
                    window: int | None = None,
                    key_start: torch.Tensor | None = None, sink_tokens: int = 0) -> torch.Tensor:
@@ -110,7 +122,8 @@ def attention(
     # (B, Hkv) into one batch dimension: chapter 2 measures that copy.)
     qg = q.reshape(B, Hkv, G * T, D)  # (B, Hkv, G*T, D)
     scores = torch.matmul(qg, k.transpose(-1, -2))  # (B, Hkv, G*T, S)
-    scores = scores.float().view(B, Hkv, G, T, S) / math.sqrt(D)  # (B, Hkv, G, T, S)
+    scores = scores.to(softmax_dtype(scores.dtype))  # float32, or float64 for float64
+    scores = scores.view(B, Hkv, G, T, S) / math.sqrt(D)  # (B, Hkv, G, T, S)
     mask = attention_mask(q_positions, kv_lens, S, window, key_start, sink_tokens)  # (B, T, S)
     scores = scores.masked_fill(~mask[:, None, None], float("-inf"))
     probs = torch.softmax(scores, dim=-1).to(v.dtype)  # (B, Hkv, G, T, S)

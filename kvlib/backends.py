@@ -9,10 +9,11 @@ registered by name in `BACKENDS`, so a chapter switches the model's attention in
     reference   gathers a paged view into dense tensors, then `attention.attention`
                 (materialises scores; the thing every fast path is tested against)
     sdpa        torch's scaled_dot_product_attention on dense tensors
-    triton      paged decode through the Triton flash-decoding kernel (a GPU, or the
-                interpreter); anything else falls back to sdpa
-    fast        the fastest path for the view kind on this device: paged decode reads the
-                blocks in place (Triton on a GPU, numba on the CPU); anything else: sdpa
+    triton      the Triton kernels over paged views (a GPU, or the interpreter): split decode
+                for decode steps, the paged prefill kernel for mixed steps; dense: sdpa
+    fast        the fastest exact path on this device: `triton` on a GPU; on the CPU paged
+                decode rows read their blocks in place (numba), chunks, dense views and pools
+                of codes: sdpa (after dequantizing)
     chunked     `flash.chunked`: online softmax over tiles of keys (prefill) and split-KV
                 decoding, in plain torch; dense or paged views, read in place
 
@@ -98,7 +99,7 @@ def _per_sequence(q: torch.Tensor, dense: DenseKV, batch: StepBatch,
 
 def reference(q: torch.Tensor, kv: KVView, batch: StepBatch) -> torch.Tensor:
     """Gather (if paged), then the plain masked-softmax attention of `kvlib.attention`."""
-    return _per_sequence(q, kv.dense(), batch, partial(attention, window=kv.window,
+    return _per_sequence(q, kv.dense(q.dtype), batch, partial(attention, window=kv.window,
                                                        sink_tokens=kv.sink_tokens))
 
 
@@ -113,47 +114,60 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_positions: torch.
 
 def sdpa(q: torch.Tensor, kv: KVView, batch: StepBatch) -> torch.Tensor:
     """torch's fused attention on dense tensors (a paged view is gathered first)."""
-    return _per_sequence(q, kv.dense(), batch, partial(_sdpa, window=kv.window,
+    return _per_sequence(q, kv.dense(q.dtype), batch, partial(_sdpa, window=kv.window,
                                                        sink_tokens=kv.sink_tokens))
 
 
 def _kernel_reads(kv: KVView) -> bool:
-    """Whether the paged decode kernels read this view in place: blocks, no window, and keys
-    and values of one width (a latent cache's values are narrower: it goes to sdpa; FlashMLA
-    is the kernel that reads latent rows in place)."""
-    return (isinstance(kv, PagedKV) and kv.window is None
-            and kv.v_pool.shape[-1] == kv.k_pool.shape[-1])
+    """Whether the paged kernels read this view in place: blocks, with keys and values of one
+    width (a latent cache's values are narrower: it goes to sdpa; FlashMLA is the kernel that
+    reads latent rows in place)."""
+    return isinstance(kv, PagedKV) and kv.v_pool.shape[-1] == kv.k_pool.shape[-1]
 
 
 def triton(q: torch.Tensor, kv: KVView, batch: StepBatch) -> torch.Tensor:
-    """Paged decode with the Triton kernel (`kvlib.kernels.paged_decode`); else sdpa.
+    """The Triton kernels over a paged view, read in place: a pure decode step through the
+    split decode kernel (`kvlib.kernels.paged_decode`), any other step -- prompt chunks beside
+    decodes -- through the paged prefill kernel (`kvlib.kernels.paged_prefill`), one launch;
+    both honour the layer's window and sinks. Dense views, and blocks that are not a power of
+    two up to 128 tokens, go to sdpa. On a GPU, or anywhere under TRITON_INTERPRET=1."""
+    from kvlib.kernels.common import supports_block_size
+    from kvlib.kernels.paged_decode import paged_decode_triton
+    from kvlib.kernels.paged_decode_int8 import paged_decode_quantized
+    from kvlib.kernels.paged_prefill import paged_prefill_triton
 
-    The kernel has no sliding window and takes blocks of a power of two up to 128 tokens:
-    other views go to sdpa."""
-    from kvlib.kernels.paged_decode import paged_decode_attention, supports_block_size
-
-    if (_kernel_reads(kv) and supports_block_size(kv.block_size)
-            and batch.uniform_len == 1):
-        return paged_decode_attention(q, kv.k_pool, kv.v_pool, kv.block_tables,
-                                      kv.context_lens)  # (B, H, D) = (N, H, D)
-    return sdpa(q, kv, batch)
+    if not (_kernel_reads(kv) and supports_block_size(kv.block_size)):
+        return sdpa(q, kv, batch)
+    which = {"window": kv.window, "sink_tokens": kv.sink_tokens}
+    if batch.uniform_len == 1 and kv.k_scale is None:
+        return paged_decode_triton(q, kv.k_pool, kv.v_pool, kv.block_tables, kv.context_lens,
+                                   **which)  # (N, H, D)
+    if batch.uniform_len == 1:  # codes and scales, dequantized inside the kernel
+        return paged_decode_quantized(q, kv.k_pool, kv.v_pool, kv.k_scale, kv.v_scale,
+                                      kv.block_tables, kv.context_lens, **which)  # (N, H, D)
+    return paged_prefill_triton(q, kv.k_pool, kv.v_pool, kv.block_tables, kv.context_lens,
+                                batch.cu_query_lens, k_scale=kv.k_scale, v_scale=kv.v_scale,
+                                **which)  # (N, H, D)
 
 
 def fast(q: torch.Tensor, kv: KVView, batch: StepBatch) -> torch.Tensor:
-    """Paged decode reads blocks in place (Triton on a GPU, numba on the CPU); else sdpa.
+    """The fastest exact path for the view and the device: on a GPU the Triton kernels
+    (`triton`); on the CPU, paged decode rows read their blocks in place (numba) and prompt
+    chunks go to sdpa; dense views to sdpa.
 
     On the CPU a mixed batch (an engine step: decodes beside prompt chunks) sends all its
     one-token rows to the paged decode kernel in one call, and only the chunks to sdpa.
     """
-    if not _kernel_reads(kv):
-        return sdpa(q, kv, batch)
     if q.device.type == "cuda":
-        return triton(q, kv, batch) if batch.uniform_len == 1 else sdpa(q, kv, batch)
-    from kvlib.kernels.paged_decode_cpu import paged_decode_attention
+        return triton(q, kv, batch)
+    if not _kernel_reads(kv) or kv.k_scale is not None:  # numba reads floats only
+        return sdpa(q, kv, batch)
+    from kvlib.kernels.paged_decode_cpu import paged_decode_numba
 
+    which = {"window": kv.window, "sink_tokens": kv.sink_tokens}
     if batch.uniform_len == 1:
-        return paged_decode_attention(q, kv.k_pool, kv.v_pool, kv.block_tables,
-                                      kv.context_lens)  # (B, H, D) = (N, H, D)
+        return paged_decode_numba(q, kv.k_pool, kv.v_pool, kv.block_tables, kv.context_lens,
+                                  **which)  # (B, H, D) = (N, H, D)
     decodes = [b for b, n in enumerate(batch.query_lens) if n == 1]  # one new token each
     if not decodes:
         return sdpa(q, kv, batch)
@@ -161,15 +175,15 @@ def fast(q: torch.Tensor, kv: KVView, batch: StepBatch) -> torch.Tensor:
     out = torch.empty_like(q)  # (N, H, D)
     rows = torch.tensor(decodes, device=q.device)  # (Bd,)
     tok = torch.tensor([cu[b] for b in decodes], device=q.device)  # (Bd,) packed index
-    out[tok] = paged_decode_attention(q[tok], kv.k_pool, kv.v_pool, kv.block_tables[rows],
-                                      kv.context_lens[rows])  # (Bd, H, D)
+    out[tok] = paged_decode_numba(q[tok], kv.k_pool, kv.v_pool, kv.block_tables[rows],
+                                  kv.context_lens[rows], **which)  # (Bd, H, D)
     for b in (b for b, n in enumerate(batch.query_lens) if n > 1):
         n = batch.context_lens[b]
         dense = PagedKV(kv.k_pool, kv.v_pool, kv.block_tables[b:b + 1],
                         kv.context_lens[b:b + 1]).dense()  # (1, Hkv, S_b, D): this row only
         qb = q[cu[b]:cu[b + 1]].transpose(0, 1)[None]  # (1, H, T_b, D)
         pos = batch.positions[cu[b]:cu[b + 1]][None]  # (1, T_b)
-        ob = _sdpa(qb, dense.k[:, :, :n], dense.v[:, :, :n], pos, dense.context_lens)
+        ob = _sdpa(qb, dense.k[:, :, :n], dense.v[:, :, :n], pos, dense.context_lens, **which)
         out[cu[b]:cu[b + 1]] = ob[0].transpose(0, 1)  # (T_b, H, D)
     return out
 

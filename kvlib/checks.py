@@ -1,7 +1,8 @@
-"""Input checks shared by every module: one place that says what a valid count or id is.
+"""Input checks shared by every module: one place that says what a valid count, id or number is.
 
 NOTE: `bool` is a subclass of `int` in Python, so `True` would pass a plain isinstance check
-as the number 1; every check here refuses it.
+as the number 1; every check here refuses it. Numbers must also be finite: a temperature of
+`inf` or a theta of `nan` is refused where it is written, not found later as NaN logits.
 
 >>> require_int("block_size", 16, minimum=1)
 16
@@ -9,10 +10,15 @@ as the number 1; every check here refuses it.
 Traceback (most recent call last):
 ...
 ValueError: block_size must be an int >= 1, got True
+>>> require_number("temperature", float("inf"), minimum=0)
+Traceback (most recent call last):
+...
+ValueError: temperature must be a finite number >= 0, got inf
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 
@@ -31,6 +37,28 @@ def require_int(name: str, value: object, minimum: int | None = None,
                                           f"<= {maximum}" if maximum is not None else "") if b)
         raise ValueError(f"{name} must be an int{' ' + bounds if bounds else ''}, got {value!r}")
     return value  # type: ignore[return-value]
+
+
+def require_number(name: str, value: object, minimum: float | None = None,
+                   maximum: float | None = None, *, above: float | None = None) -> float:
+    """`value` as a float if it is a finite int or float (not a bool) in range; else ValueError.
+
+    `minimum` and `maximum` are inclusive bounds, `above` an exclusive lower bound.
+
+    >>> require_number("top_p", 1, above=0, maximum=1)
+    1.0
+    """
+    ok = (isinstance(value, int | float) and not isinstance(value, bool)
+          and math.isfinite(value)
+          and (minimum is None or value >= minimum) and (maximum is None or value <= maximum)
+          and (above is None or value > above))
+    if not ok:
+        bounds = " and ".join(b for b in (f"> {above}" if above is not None else "",
+                                          f">= {minimum}" if minimum is not None else "",
+                                          f"<= {maximum}" if maximum is not None else "") if b)
+        raise ValueError(f"{name} must be a finite number{' ' + bounds if bounds else ''}, "
+                         f"got {value!r}")
+    return float(value)  # type: ignore[arg-type]
 
 
 def require_ids(name: str, ids: Iterable[object]) -> list[int]:

@@ -17,11 +17,16 @@ from enum import Enum
 
 import torch
 
+from kvlib.checks import is_int, require_int, require_number
+
+# kv_cache_dtype -> the dtype of the codes a paged cache stores (None: the values themselves)
+KV_CODE_DTYPES = {"auto": None, "int8": torch.int8, "fp8_e4m3": torch.float8_e4m3fn}
+
 
 class Layout(str, Enum):
     """How a flat cache orders its dimensions.
 
-    SEQ_MAJOR is the original design's `[layers, batch, seq, 2, kv_heads, head_dim]`: one
+    SEQ_MAJOR is `[layers, batch, seq, 2, kv_heads, head_dim]`, the simplest to write: one
     token's keys and values for every head sit together, which makes appending cheap.
     HEAD_MAJOR is `[layers, 2, batch, kv_heads, seq, head_dim]`: each head's keys form one
     contiguous `(seq, head_dim)` matrix, which a batched matmul needs to avoid copying
@@ -35,13 +40,6 @@ class Layout(str, Enum):
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ValueError(message)
-
-
-def _positive_int(owner: str, name: str, value: object) -> None:
-    _require(
-        isinstance(value, int) and not isinstance(value, bool) and value > 0,
-        f"{owner}.{name} must be a positive int, got {value!r}",
-    )
 
 
 @dataclass(frozen=True)
@@ -89,20 +87,21 @@ class ModelConfig:
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self) -> None:
+        for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads",
+                     "max_seq_len"):
+            require_int(f"ModelConfig.{name}", getattr(self, name), minimum=1)
+        for name in ("head_dim", "ffn_dim"):  # 0: derived below
+            require_int(f"ModelConfig.{name} (0: derive it)", getattr(self, name), minimum=0)
         self._check_latent()
         if self.head_dim == 0:
             _require(
-                isinstance(self.num_heads, int) and self.num_heads > 0
-                and self.d_model % self.num_heads == 0,
+                self.d_model % self.num_heads == 0,
                 f"ModelConfig.d_model ({self.d_model}) must be divisible by num_heads "
                 f"({self.num_heads}) when head_dim is not given",
             )
             object.__setattr__(self, "head_dim", self.d_model // self.num_heads)
         if self.ffn_dim == 0:
             object.__setattr__(self, "ffn_dim", 4 * self.d_model)
-        for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads",
-                     "head_dim", "ffn_dim", "max_seq_len"):
-            _positive_int("ModelConfig", name, getattr(self, name))
         _require(
             self.num_heads % self.num_kv_heads == 0,
             f"ModelConfig.num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
@@ -111,9 +110,7 @@ class ModelConfig:
         _require(self.head_dim % 2 == 0,
                  f"ModelConfig.head_dim must be even for rotary embeddings, got {self.head_dim}")
         for name in ("rope_theta", "norm_eps"):
-            value = getattr(self, name)
-            _require(isinstance(value, int | float) and not isinstance(value, bool) and value > 0,
-                     f"ModelConfig.{name} must be a number > 0, got {value!r}")
+            require_number(f"ModelConfig.{name}", getattr(self, name), above=0)
         for name in ("tie_embeddings", "qkv_bias"):
             _require(isinstance(getattr(self, name), bool),
                      f"ModelConfig.{name} must be a bool, got {getattr(self, name)!r}")
@@ -123,16 +120,14 @@ class ModelConfig:
         names = ("kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim",
                  "q_lora_rank")
         for name in names:
-            value = getattr(self, name)
-            _require(isinstance(value, int) and not isinstance(value, bool) and value >= 0,
-                     f"ModelConfig.{name} must be an int >= 0, got {value!r}")
+            require_int(f"ModelConfig.{name}", getattr(self, name), minimum=0)
         if not self.kv_lora_rank:
             _require(not any(getattr(self, n) for n in names[1:]),
                      "ModelConfig: qk_rope_head_dim, qk_nope_head_dim, v_head_dim and "
                      "q_lora_rank are latent attention's; give kv_lora_rank too")
             return
         for name in names[1:4]:
-            _positive_int("ModelConfig", name, getattr(self, name))
+            require_int(f"ModelConfig.{name}", getattr(self, name), minimum=1)
         _require(self.qk_rope_head_dim % 2 == 0, f"ModelConfig.qk_rope_head_dim must be even "
                  f"for rotary embeddings, got {self.qk_rope_head_dim}")
         qk = self.qk_nope_head_dim + self.qk_rope_head_dim
@@ -161,10 +156,8 @@ class ModelConfig:
 
     def _check_window(self) -> None:
         if self.sliding_window is not None:
-            _positive_int("ModelConfig", "sliding_window", self.sliding_window)
-        _require(isinstance(self.sink_tokens, int) and not isinstance(self.sink_tokens, bool)
-                 and self.sink_tokens >= 0,
-                 f"ModelConfig.sink_tokens must be an int >= 0, got {self.sink_tokens!r}")
+            require_int("ModelConfig.sliding_window", self.sliding_window, minimum=1)
+        require_int("ModelConfig.sink_tokens", self.sink_tokens, minimum=0)
         _require(self.sink_tokens == 0 or self.sliding_window is not None,
                  f"ModelConfig.sink_tokens {self.sink_tokens} given without a sliding_window: "
                  f"sinks are kept beside a window")
@@ -173,9 +166,11 @@ class ModelConfig:
         _require(self.sliding_window is not None,
                  f"ModelConfig.sliding_layers {self.sliding_layers!r} given without a "
                  f"sliding_window")
+        _require(isinstance(self.sliding_layers, tuple | list),
+                 f"ModelConfig.sliding_layers must be a tuple of layer indices, got "
+                 f"{self.sliding_layers!r}")
         layers = tuple(self.sliding_layers)
-        _require(all(isinstance(i, int) and not isinstance(i, bool)
-                     and 0 <= i < self.num_layers for i in layers)
+        _require(all(is_int(i) and 0 <= i < self.num_layers for i in layers)
                  and len(set(layers)) == len(layers),
                  f"ModelConfig.sliding_layers must be distinct layer indices in "
                  f"[0, {self.num_layers}), got {self.sliding_layers!r}")
@@ -241,33 +236,40 @@ class CacheConfig:
     layer_windows: tuple[int | None, ...] = ()  # a window W per layer, or None; (): none at all
     sink_tokens: int = 0  # first positions windowed layers always read
     latent_dim: int = 0  # R > 0: one row per token (MLA's latent + rotary key); 0: K and V
+    # How a paged cache stores keys and values: "auto" in `dtype`; "int8" or "fp8_e4m3" as one
+    # code per number and a float32 scale per (token, KV head), what the fused kernels read.
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "num_kv_heads", "head_dim", "max_batch_size",
                      "max_seq_len", "block_size"):
-            _positive_int("CacheConfig", name, getattr(self, name))
+            require_int(f"CacheConfig.{name}", getattr(self, name), minimum=1)
         windows = tuple(self.layer_windows)
         _require(not windows or len(windows) == self.num_layers,
                  f"CacheConfig.layer_windows has {len(windows)} entries for {self.num_layers} "
                  f"layers")
         for w in windows:
             if w is not None:
-                _positive_int("CacheConfig", "layer_windows entry", w)
+                require_int("CacheConfig.layer_windows entry", w, minimum=1)
         if all(w is None for w in windows):
             windows = ()
         object.__setattr__(self, "layer_windows", windows)
-        _require(isinstance(self.sink_tokens, int) and not isinstance(self.sink_tokens, bool)
-                 and self.sink_tokens >= 0,
-                 f"CacheConfig.sink_tokens must be an int >= 0, got {self.sink_tokens!r}")
+        require_int("CacheConfig.sink_tokens", self.sink_tokens, minimum=0)
         _require(self.sink_tokens == 0 or bool(windows),
                  f"CacheConfig.sink_tokens {self.sink_tokens} given without layer_windows")
-        _require(isinstance(self.latent_dim, int) and not isinstance(self.latent_dim, bool)
-                 and 0 <= self.latent_dim <= self.head_dim,
-                 f"CacheConfig.latent_dim must be an int in [0, head_dim={self.head_dim}], got "
-                 f"{self.latent_dim!r}")
+        require_int("CacheConfig.latent_dim", self.latent_dim, minimum=0)
+        _require(self.latent_dim <= self.head_dim,
+                 f"CacheConfig.latent_dim must be in [0, head_dim={self.head_dim}], got "
+                 f"{self.latent_dim}")
         _require(not self.latent_dim or self.num_kv_heads == 1,
                  f"CacheConfig.latent_dim {self.latent_dim}: a latent row serves every head, "
                  f"so num_kv_heads must be 1, got {self.num_kv_heads}")
+        _require(self.kv_cache_dtype in KV_CODE_DTYPES,
+                 f"CacheConfig.kv_cache_dtype must be one of {sorted(KV_CODE_DTYPES)}, got "
+                 f"{self.kv_cache_dtype!r}")
+        _require(not (self.latent_dim and self.code_dtype is not None),
+                 f"CacheConfig: a latent row (latent_dim {self.latent_dim}) is stored in "
+                 f"`dtype`; kv_cache_dtype {self.kv_cache_dtype!r} codes only keys and values")
         _require(isinstance(self.dtype, torch.dtype) and self.dtype.is_floating_point,
                  f"CacheConfig.dtype must be a floating torch.dtype, got {self.dtype!r}")
         try:
@@ -290,6 +292,11 @@ class CacheConfig:
         return cls(num_layers=model.num_layers, num_kv_heads=model.cache_kv_heads,
                    head_dim=model.cache_head_dim, max_batch_size=max_batch_size,
                    max_seq_len=max_seq_len, **kwargs)
+
+    @property
+    def code_dtype(self) -> torch.dtype | None:
+        """The dtype of the stored codes (int8, float8_e4m3fn), or None: values in `dtype`."""
+        return KV_CODE_DTYPES[self.kv_cache_dtype]
 
     def window(self, layer: int) -> int | None:
         """The window W of layer `layer`, or None when it reads every earlier key."""
@@ -317,7 +324,9 @@ class CacheConfig:
 
     @property
     def bytes_per_token(self) -> int:
-        """Bytes one token occupies across all layers: K and V of every KV head, or the one
-        latent row."""
+        """Bytes one token occupies across all layers: K and V of every KV head (with codes,
+        one byte a number plus a 4-byte scale per head), or the one latent row."""
+        if self.code_dtype is not None:
+            return 2 * self.num_layers * self.num_kv_heads * (self.head_dim + 4)
         itemsize = torch.empty((), dtype=self.dtype).element_size()
         return self.kv_parts * self.num_layers * self.num_kv_heads * self.head_dim * itemsize

@@ -69,6 +69,7 @@ class StepBatch:
     context_lens: tuple[int, ...]  # (B,) host: keys per sequence once this step is stored
     positions: torch.Tensor  # (N,) int64 on the device: absolute position of each new token
     slot_mapping: torch.Tensor  # (G, N) int64 on the device: where each token goes, per group
+    # (< 0: not at a slot of this cache; a quantized cache keeps new tokens in its residual)
     cu_query_lens: torch.Tensor  # (B+1,) int32 on the device: sequence b is rows cu[b]..cu[b+1]-1
     step: int  # the cache's number for this step: writes and commits are checked against it
 
@@ -133,7 +134,7 @@ class DenseKV:
     # buffer's oldest kept key); None: key j is position j. context_lens stay positions.
     key_start: torch.Tensor | None = None
 
-    def dense(self) -> DenseKV:
+    def dense(self, dtype: torch.dtype | None = None) -> DenseKV:
         return self
 
 
@@ -145,6 +146,9 @@ class PagedKV:
     A sequence of 45 tokens in blocks of 16: two full blocks and 13 tokens in the third.
     Entries past a row's last block are -1; a windowed layer's blocks that left its window
     are the pool's null block (zeros, never written), which no query can see.
+
+    A pool of codes (int8 or float8_e4m3fn, `CacheConfig.kv_cache_dtype`) comes with a float32
+    scale per (block, head, token): the value is scale * code.
     """
 
     k_pool: torch.Tensor  # (NB, Hkv, BS, D): each block of one head is a contiguous tile
@@ -153,20 +157,27 @@ class PagedKV:
     context_lens: torch.Tensor  # (B,) int32 on the pool's device: valid keys per row
     window: int | None = None  # sliding window W of the layer (see DenseKV)
     sink_tokens: int = 0  # first positions always visible (see DenseKV)
+    k_scale: torch.Tensor | None = None  # (NB, Hkv, BS) float32 when the pools hold codes
+    v_scale: torch.Tensor | None = None
 
     @property
     def block_size(self) -> int:
         return self.k_pool.shape[2]
 
-    def dense(self) -> DenseKV:
+    def dense(self, dtype: torch.dtype | None = None) -> DenseKV:
         """Gather every row's blocks into contiguous (B, Hkv, M * BS, D) tensors: the
-        reference path, and the copy that reading in place avoids. Keys past a row's
-        `context_lens` are whatever the gathered blocks hold; attention masks them."""
+        reference path, and the copy that reading in place avoids (codes are dequantized to
+        `dtype`, float32 by default). Keys past a row's `context_lens` are whatever the
+        gathered blocks hold; attention masks them."""
         B, M = self.block_tables.shape
         NB, Hkv, BS, D = self.k_pool.shape
         tables = self.block_tables.long().clamp(min=0)  # (B, M): padding reads block 0, masked
         k = self.k_pool[tables]  # (B, M, Hkv, BS, D)
         v = self.v_pool[tables]  # (B, M, Hkv, BS, Dv): Dv = D, or a latent's R < D
+        if self.k_scale is not None:  # scale * code, row by row
+            out = dtype or torch.float32
+            k = (k.float() * self.k_scale[tables][..., None]).to(out)  # (B, M, Hkv, BS, D)
+            v = (v.float() * self.v_scale[tables][..., None]).to(out)  # (B, M, Hkv, BS, D)
         k = k.permute(0, 2, 1, 3, 4).reshape(B, Hkv, M * BS, D)  # (B, Hkv, S, D)
         v = v.permute(0, 2, 1, 3, 4).reshape(B, Hkv, M * BS, -1)  # (B, Hkv, S, Dv)
         return DenseKV(k, v, self.context_lens.long(), self.window, self.sink_tokens)
@@ -300,6 +311,10 @@ class StepLedger:
 
     def wrote(self, layer: int) -> None:
         self._written.add(layer)
+
+    def has_written(self, layer: int) -> bool:
+        """Whether `layer` has written the open step."""
+        return layer in self._written
 
     def close(self, batch: StepBatch, *, complete: bool) -> None:
         """End the open step; with `complete`, first check that every layer wrote it."""

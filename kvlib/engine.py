@@ -22,6 +22,12 @@ draws from it once per new token on its own `(1, V)` logits -- what `Transformer
 does for that request alone -- so batching, chunking, preemption and prefix reuse change
 nothing a request sees (up to float rounding of a different batch; the tests use float64).
 
+Moving requests. `export_request` takes a decoding request out of the engine with its blocks
+(`PagedKVCache.export_sequence`) and its random state (a `Handoff`); `import_request` puts it
+into another engine, which goes on decoding it: the prefill engine hands over to the decode
+engine (kvlib.distributed.disaggregation). A `preemption` policy (kvlib.preemption) chooses
+between recomputing a preempted request and swapping its blocks to host memory.
+
 Host and device. A step reads one tensor back to the host: the tokens it sampled, all at
 once. Everything else (which sequences run, their lengths, the cache's tables) is known on
 the host, and the step's index tensors reach the device in one copy (`StepBuilder`).
@@ -32,7 +38,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 
 import torch
 
@@ -43,71 +48,10 @@ from kvlib.cache.quantized import QuantizedKVCache
 from kvlib.checks import is_int, require_int
 from kvlib.contract import KVCache, KVCacheManager
 from kvlib.model import TransformerLM
+from kvlib.outputs import EngineMetrics, GenerateResult, RequestOutput, StepRecord
+from kvlib.preemption import PreemptionPolicy
 from kvlib.sampling import SamplingParams, sample_next
-from kvlib.scheduler import Request, ScheduledStep, Scheduler, SequenceState, Status
-
-
-@dataclass(frozen=True)
-class StepRecord:
-    """What one step did; `events` are (request_id, kind, tokens) with kind one of
-    'admit' (tokens: found in the prefix cache), 'prefill' (a chunk), 'decode', 'preempt',
-    'first_token', 'finish' (tokens: generated in all)."""
-
-    step: int
-    num_tokens: int
-    num_seqs: int
-    num_decode_tokens: int
-    num_prefill_tokens: int
-    num_used_blocks: int  # after the step
-    num_waiting: int  # after the step
-    duration_s: float
-    events: tuple[tuple[int, str, int], ...]
-
-
-@dataclass(frozen=True)
-class RequestOutput:
-    request_id: int
-    prompt_ids: tuple[int, ...]
-    token_ids: list[int]
-    finish_reason: str  # "length" or "stop"
-    queue_s: float  # arrival -> first scheduled
-    ttft_s: float  # arrival -> first new token
-    tpot_s: float  # mean time per output token after the first (0 for one token)
-    latency_s: float  # arrival -> finished
-    num_preemptions: int
-    num_cached_tokens: int  # prompt tokens reused from the prefix cache
-
-
-@dataclass
-class EngineMetrics:
-    steps: list[StepRecord] = field(default_factory=list)
-    wall_s: float = 0.0
-    num_generated_tokens: int = 0
-    num_preemptions: int = 0
-    num_prefix_hit_tokens: int = 0  # prompt tokens not recomputed thanks to the prefix cache
-
-    @property
-    def tokens_per_s(self) -> float:
-        """Generated tokens per second of wall time."""
-        return self.num_generated_tokens / self.wall_s if self.wall_s > 0 else 0.0
-
-    @property
-    def mean_tokens_per_step(self) -> float:
-        return sum(s.num_tokens for s in self.steps) / max(1, len(self.steps))
-
-    @property
-    def mean_seqs_per_step(self) -> float:
-        return sum(s.num_seqs for s in self.steps) / max(1, len(self.steps))
-
-    @property
-    def used_blocks_per_step(self) -> list[int]:
-        return [s.num_used_blocks for s in self.steps]
-
-
-@dataclass(frozen=True)
-class GenerateResult:
-    outputs: list[RequestOutput]  # in the order the prompts were given
-    metrics: EngineMetrics
+from kvlib.scheduler import Handoff, Request, ScheduledStep, Scheduler, SequenceState, Status
 
 
 class BatchedInferenceEngine:
@@ -120,7 +64,12 @@ class BatchedInferenceEngine:
         block_size: tokens per block, when the engine builds its cache.
         max_num_batched_tokens: the token budget of one step (decodes + prompt chunks).
         max_num_seqs: most sequences running at once.
-        quant: store the cache quantized (a `QuantizedKVCache` over the paged blocks).
+        preemption: how a preempted sequence is set aside (kvlib.preemption): recomputed
+            (the default), or swapped to host memory (a cache with a host tier).
+        quant: store the cache quantized in any scheme of chapter 5 (a `QuantizedKVCache`
+            over the paged blocks, dequantized on read).
+        kv_cache_dtype: "int8" or "fp8_e4m3": a paged cache of codes and per-row scales,
+            read in place by the fused kernels (`CacheConfig.kv_cache_dtype`).
         cache: instead of `num_blocks`/`block_size`/`quant`, a cache to serve from: any
             `KVCache` that answers `KVCacheManager` (paged, or quantized over paged), empty.
     """
@@ -128,23 +77,29 @@ class BatchedInferenceEngine:
     def __init__(self, model: TransformerLM, num_blocks: int | None = None,
                  block_size: int = 16, max_num_batched_tokens: int = 256,
                  max_num_seqs: int = 256, *, quant: KVQuantConfig | None = None,
-                 cache: KVCache | None = None) -> None:
+                 kv_cache_dtype: str = "auto", cache: KVCache | None = None,
+                 preemption: PreemptionPolicy | None = None) -> None:
         self.model = model
         if cache is None:
             if num_blocks is None:
                 raise ValueError("give num_blocks (the engine builds a paged cache) or a cache")
-            config = model.cache_config(1, model.config.max_seq_len, block_size=block_size)
+            if quant is not None and kv_cache_dtype != "auto":
+                raise ValueError("give quant (any scheme, dequantized on read) or "
+                                 "kv_cache_dtype (codes the kernels read), not both")
+            config = model.cache_config(1, model.config.max_seq_len, block_size=block_size,
+                                        kv_cache_dtype=kv_cache_dtype)
             cache = PagedKVCache(config, num_blocks) if quant is None else QuantizedKVCache(
                 config, quant, lambda c: PagedKVCache(c, num_blocks))
-        elif num_blocks is not None or quant is not None:
-            raise ValueError("give either a cache or num_blocks/quant to build one, not both")
+        elif num_blocks is not None or quant is not None or kv_cache_dtype != "auto":
+            raise ValueError("give either a cache or num_blocks/quant/kv_cache_dtype to build "
+                             "one, not both")
         if not (isinstance(cache, KVCache) and isinstance(cache, KVCacheManager)):
             raise ValueError(f"the engine serves from a cache with blocks to manage (a "
                              f"PagedKVCache, or a QuantizedKVCache over one); got "
                              f"{type(cache).__name__}")
         model.check_cache(cache)  # windows, sinks, shapes, dtype: before anything runs
         self.cache = cache
-        self.scheduler = Scheduler(cache, max_num_batched_tokens, max_num_seqs)
+        self.scheduler = Scheduler(cache, max_num_batched_tokens, max_num_seqs, preemption)
         self.metrics = EngineMetrics()
         self._seqs: dict[int, SequenceState] = {}
         self._next_id = 0
@@ -221,12 +176,14 @@ class BatchedInferenceEngine:
         """Run one iteration; returns the ids of the requests that finished in it."""
         start = time.perf_counter()
         plan = self.scheduler.schedule()
-        events: list[tuple[int, str, int]] = [(s.seq_id, "preempt", 0) for s in plan.preempted]
+        events: list[tuple[int, str, int]] = [(s.seq_id, "preempt", s.num_computed_tokens)
+                                              for s in plan.preempted]
         finished: list[int] = []
         n_dec = sum(n for s, n in plan.entries if s.is_decoding)  # before the step moves them
         if plan.entries:
             finished = self._run(plan, start, events)
         self.metrics.num_preemptions += len(plan.preempted)
+        self.metrics.num_swaps += len(plan.swapped)
         self.metrics.num_prefix_hit_tokens += plan.num_cached_tokens
         self.metrics.steps.append(StepRecord(
             self._num_steps, plan.num_tokens, len(plan.entries), n_dec, plan.num_tokens - n_dec,
@@ -304,6 +261,56 @@ class BatchedInferenceEngine:
                 picked[i:i + 1] = sample_next(logits[i:i + 1], seq.request.sampling,
                                               seq.generator)
         return picked
+
+    # -- moving a request to another engine ------------------------------------------------------
+    def export_request(self, request_id: int) -> Handoff:
+        """A copy of a decoding request, blocks and random state included, for another
+        engine; it keeps running here until `remove_request` (once the other has it).
+        Raises ValueError unless it runs with all its tokens but the newest cached."""
+        seq = self._seqs.get(request_id)
+        if seq is None or seq.status is not Status.RUNNING or not seq.is_decoding:
+            raise ValueError(f"request {request_id} is not a decoding request of this engine")
+        blocks, data = self.cache.export_sequence(seq.seq_id)
+        rng = None if seq.generator is None else seq.generator.get_state()
+        return Handoff(seq.request, tuple(seq.output_ids), blocks, tuple(data), rng)
+
+    def remove_request(self, request_id: int) -> None:
+        """Forget a running request and free its blocks (another engine decodes it now)."""
+        seq = self._seqs.get(request_id)
+        if seq is None or seq.status is not Status.RUNNING:
+            raise ValueError(f"request {request_id} is not running in this engine")
+        self.scheduler.remove(seq)
+        self.cache.release([seq.seq_id])
+        del self._seqs[request_id]
+
+    def import_request(self, handoff: Handoff) -> int:
+        """Go on decoding a request another engine exported; returns its id here. Raises
+        ValueError, changing nothing, when it does not fit (room, block size, dtype, heads)
+        or does not add up (its blocks must hold every token but the newest)."""
+        request = self._request(handoff.request, None, None, ())
+        held = len(request.prompt_ids) + len(handoff.output_ids) - 1
+        if not handoff.output_ids or handoff.blocks.length != held:
+            raise ValueError(f"a handoff's blocks hold {handoff.blocks.length} tokens; a "
+                             f"decoding request with {len(handoff.output_ids)} new tokens "
+                             f"holds {held}")
+        generator = request.sampling.generator(self.model.embed.weight.device)
+        if (generator is None) != (handoff.rng_state is None):
+            raise ValueError("a seeded request moves with its generator's state, and only "
+                             "a seeded one has a state to move")
+        if len(self.scheduler.running) >= self.scheduler.max_num_seqs:
+            raise ValueError(f"max_num_seqs {self.scheduler.max_num_seqs} sequences already "
+                             f"run in this engine")
+        self.cache.import_sequence(self._next_id, handoff.blocks, handoff.data)  # or raises
+        if generator is not None:
+            generator.set_state(handoff.rng_state)
+        now = time.perf_counter()
+        seq = SequenceState(self._next_id, request, generator, arrival_s=now,
+                            output_ids=list(handoff.output_ids), num_computed_tokens=held,
+                            first_scheduled_s=now, first_token_s=now)
+        self._next_id += 1
+        self._seqs[seq.seq_id] = seq
+        self.scheduler.add_running(seq)
+        return seq.seq_id
 
     # -- running a set -------------------------------------------------------------------------
     def _steps(self) -> Iterator[int]:

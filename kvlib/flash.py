@@ -37,7 +37,7 @@ from collections.abc import Callable
 
 import torch
 
-from kvlib.attention import _check_qkv
+from kvlib.attention import _check_qkv, softmax_dtype
 from kvlib.checks import require_int
 from kvlib.contract import DenseKV, KVView, PagedKV, StepBatch
 
@@ -114,6 +114,7 @@ def _chunked(q: torch.Tensor, load: TileLoader, num_kv_heads: int, num_keys: int
     B, H, T, D = q.shape
     Hkv, G = num_kv_heads, H // num_kv_heads
     scale = 1.0 / math.sqrt(D)
+    wide = softmax_dtype(q.dtype)  # the softmax state: float32, or float64 for float64 input
     kv_lens = kv_lens.to(q.device)
     qg = q.reshape(B, Hkv, G, T, D)  # (B, Hkv, G, T, D): the G heads of a KV group together
     out = torch.empty(B, Hkv, G, T, D, dtype=q.dtype, device=q.device)
@@ -123,15 +124,15 @@ def _chunked(q: torch.Tensor, load: TileLoader, num_kv_heads: int, num_keys: int
         q_blk = qg[:, :, :, q_start:q_end].reshape(B, Hkv, G * tq, D)  # (B, Hkv, G*tq, D)
         pos = q_positions[:, q_start:q_end].to(q.device)  # (B, tq)
         # -- state of the online softmax, one row per (query head of the group, query)
-        m_i = torch.full((B, Hkv, G * tq), float("-inf"), device=q.device)  # running max
-        l_i = torch.zeros(B, Hkv, G * tq, device=q.device)  # running sum of exp
-        acc = torch.zeros(B, Hkv, G * tq, D, device=q.device)  # running sum of exp * v
+        m_i = torch.full((B, Hkv, G * tq), float("-inf"), dtype=wide, device=q.device)  # max
+        l_i = torch.zeros(B, Hkv, G * tq, dtype=wide, device=q.device)  # running sum of exp
+        acc = torch.zeros(B, Hkv, G * tq, D, dtype=wide, device=q.device)  # sum of exp * v
         # -- causal skip: no query of this tile sees a key past its largest position
         for k_start, k_end in tiles(min(last_key, int(pos.max()) + 1), kv_tile):
             k_blk, v_blk = load(k_start, k_end)  # (B, Hkv, tk, D)
             tk = k_end - k_start
             # -- scores of this tile, masked: causal and past each row's length
-            s = torch.matmul(q_blk, k_blk.transpose(-1, -2)).float() * scale  # (B,Hkv,G*tq,tk)
+            s = torch.matmul(q_blk, k_blk.transpose(-1, -2)).to(wide) * scale  # (B,Hkv,G*tq,tk)
             keys = torch.arange(k_start, k_end, device=q.device)  # (tk,)
             visible = (keys <= pos[:, :, None]) & (keys < kv_lens[:, None, None])  # (B, tq, tk)
             s.view(B, Hkv, G, tq, tk).masked_fill_(~visible[:, None, None], float("-inf"))
@@ -140,16 +141,11 @@ def _chunked(q: torch.Tensor, load: TileLoader, num_kv_heads: int, num_keys: int
             alpha = torch.exp(m_i - m_new)  # (B, Hkv, G*tq); 0 on the first tile
             p = torch.exp(s - m_new[..., None])  # (B, Hkv, G*tq, tk)
             l_i = alpha * l_i + p.sum(-1)
-            acc = alpha[..., None] * acc + torch.matmul(p.to(v_blk.dtype), v_blk).float()
+            acc = alpha[..., None] * acc + torch.matmul(p.to(v_blk.dtype), v_blk).to(wide)
             m_i = m_new
         # -- normalise once, at the end of the row
         out[:, :, :, q_start:q_end] = (acc / l_i[..., None]).view(B, Hkv, G, tq, D)
     return out.view(B, H, T, D)
-
-
-def _check_tiles(**sizes: int) -> None:
-    for name, value in sizes.items():
-        require_int(name, value, minimum=1)
 
 
 def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -169,7 +165,8 @@ def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     Returns:
         (B, H, T, D), in q's dtype.
     """
-    _check_tiles(q_tile=q_tile, kv_tile=kv_tile)
+    require_int("q_tile", q_tile, minimum=1)
+    require_int("kv_tile", kv_tile, minimum=1)
     _check_qkv(q, k, v)
     _check_positions(q_positions, kv_lens, q.shape[0], q.shape[2])
     return _chunked(q, dense_loader(k, v), k.shape[1], k.shape[2], q_positions, kv_lens,
@@ -182,7 +179,8 @@ def paged_chunked_attention(q: torch.Tensor, kv: PagedKV, q_positions: torch.Ten
 
     q (B, H, T, D), q_positions (B, T); keys per row: `kv.context_lens`. -> (B, H, T, D).
     """
-    _check_tiles(q_tile=q_tile, kv_tile=kv_tile)
+    require_int("q_tile", q_tile, minimum=1)
+    require_int("kv_tile", kv_tile, minimum=1)
     _check_paged(q, kv, q_dims=4)
     _check_positions(q_positions, kv.context_lens, q.shape[0], q.shape[2])
     num_keys = kv.block_tables.shape[1] * kv.block_size
@@ -227,14 +225,16 @@ def merge_partials(out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, 
 def _partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One chunk: q (B, Hkv, G, D), k, v (B, Hkv, tk, D), valid (B, tk)
-    -> (out (B, Hkv, G, D) float32, lse (B, Hkv, G); -inf and 0 where no key is valid)."""
-    s = torch.matmul(q, k.transpose(-1, -2)).float() / math.sqrt(q.shape[-1])  # (B,Hkv,G,tk)
+    -> (out (B, Hkv, G, D), lse (B, Hkv, G); -inf and 0 where no key is valid), in float32
+    (float64 for float64 input)."""
+    wide = softmax_dtype(q.dtype)
+    s = torch.matmul(q, k.transpose(-1, -2)).to(wide) / math.sqrt(q.shape[-1])  # (B,Hkv,G,tk)
     s = s.masked_fill(~valid[:, None, None], float("-inf"))
     m = s.amax(-1)  # (B, Hkv, G)
     m = torch.where(torch.isinf(m), torch.zeros_like(m), m)  # an empty chunk: any finite shift
     p = torch.exp(s - m[..., None])  # (B, Hkv, G, tk)
     l = p.sum(-1)  # (B, Hkv, G)
-    out = torch.matmul(p.to(v.dtype), v).float() / l.clamp(min=1e-30)[..., None]
+    out = torch.matmul(p.to(v.dtype), v).to(wide) / l.clamp(min=1e-30)[..., None]
     return out, m + torch.log(l)  # log(0) = -inf: the merge gives an empty chunk no weight
 
 
@@ -276,7 +276,7 @@ def split_kv_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     q (B, H, D) one new token per row; k, v (B, Hkv, S, D); context_lens (B,) in 1..S.
     -> (B, H, D) in q's dtype.
     """
-    _check_tiles(kv_chunk=kv_chunk)
+    require_int("kv_chunk", kv_chunk, minimum=1)
     if q.dim() != 3:
         raise ValueError(f"q must be (B, H, D), got {tuple(q.shape)}")
     _check_qkv(q[:, :, None], k, v)
@@ -292,7 +292,7 @@ def paged_split_kv_decode(q: torch.Tensor, kv: PagedKV, *,
     q (B, H, D); keys per row: `kv.context_lens`. -> (B, H, D). A chunk that is a multiple of
     the block size reads whole blocks, as a decode kernel does.
     """
-    _check_tiles(kv_chunk=kv_chunk)
+    require_int("kv_chunk", kv_chunk, minimum=1)
     _check_paged(q, kv, q_dims=3)
     _check_decode(q, kv.context_lens, kv.block_tables.shape[1] * kv.block_size)
     out, lse = decode_partials(q, paged_loader(kv), kv.k_pool.shape[1], kv.context_lens,
@@ -333,10 +333,14 @@ def make_backend(q_tile: int = Q_TILE, kv_tile: int = KV_TILE, kv_chunk: int = K
     longer queries are tiled `q_tile` x `kv_tile`. A (B, T) batch is one call; a ragged
     batch, one call per sequence.
     """
-    _check_tiles(q_tile=q_tile, kv_tile=kv_tile, kv_chunk=kv_chunk)
+    require_int("q_tile", q_tile, minimum=1)
+    require_int("kv_tile", kv_tile, minimum=1)
+    require_int("kv_chunk", kv_chunk, minimum=1)
 
     def backend(q: torch.Tensor, kv: KVView, batch: StepBatch) -> torch.Tensor:
         N, H, D = q.shape
+        if isinstance(kv, PagedKV) and kv.k_scale is not None:
+            kv = kv.dense(q.dtype)  # codes: dequantized once, then the dense tiles
         T = batch.uniform_len
         if T is not None:
             B = batch.num_seqs

@@ -9,8 +9,11 @@ only).
 Safety and honesty, in that order:
 - Only safetensors are read (no pickle, so no code runs while loading), and never
   `trust_remote_code`: a folder holding only `pytorch_model.bin` is refused.
-- Everything is checked before any tensor is copied: the architecture, every file, and every
-  weight's name and shape against what the config implies. An error names what was wrong.
+- Everything is checked before any tensor is copied: config.json and the shard index (valid
+  JSON, every required field of the right type), every file (a whole safetensors file, not a
+  truncated or corrupt one; only plain file names, inside the folder), and every weight's
+  name, dtype and shape against what the config implies, in the file the index names. A
+  malformed checkpoint is a `ValueError` that names the file and what is wrong.
 
 Hugging Face names map to kvlib's one to one:
 
@@ -31,6 +34,7 @@ from typing import Any
 
 import torch
 
+from kvlib.checks import require_int, require_number
 from kvlib.config import ModelConfig
 from kvlib.model import TransformerLM
 
@@ -40,6 +44,11 @@ SUPPORTED = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
 WEIGHTS_INDEX = "model.safetensors.index.json"
 HUB_FILES = ["config.json", "*.safetensors", WEIGHTS_INDEX, "generation_config.json",
              "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
+
+# Fields every Llama-family config.json has; the others have defaults.
+REQUIRED_FIELDS = ("model_type", "vocab_size", "hidden_size", "intermediate_size",
+                   "num_hidden_layers", "num_attention_heads")
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # safetensors' names for the dtypes kvlib loads
 
 _RENAMES = [  # applied in order to a name without its "model." prefix
     ("embed_tokens.", "embed."),
@@ -57,9 +66,29 @@ def kvlib_name(hf_name: str) -> str:
     return name
 
 
+def _typed(hf: dict[str, Any], key: str, kind: type | tuple[type, ...], default: Any) -> Any:
+    """hf[key] if it is of `kind` (a missing key or null: `default`); else ValueError."""
+    value = hf.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise ValueError(f"{key} must be {names}, got {value!r}")
+    return value
+
+
+def _count(hf: dict[str, Any], key: str, default: int | None = None, minimum: int = 1) -> int:
+    """An int field (bools refused): required when `default` is None."""
+    if hf.get(key) is None:
+        if default is None:
+            raise ValueError(f"{key} is missing")
+        return default
+    return require_int(key, hf[key], minimum=minimum)
+
+
 def _architecture(hf: dict[str, Any]) -> str:
     model_type = hf.get("model_type")
-    archs = hf.get("architectures") or []
+    archs = _typed(hf, "architectures", list, [])
     if model_type not in SUPPORTED or any(a != SUPPORTED[model_type] for a in archs):
         named = ", ".join(archs) or f"model_type {model_type!r}"
         raise ValueError(
@@ -70,13 +99,14 @@ def _architecture(hf: dict[str, Any]) -> str:
 
 def _rope_theta(hf: dict[str, Any]) -> float:
     """rope_theta from `rope_parameters` (transformers >= 5) or the older top-level keys."""
-    params = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or {}
+    params = _typed(hf, "rope_parameters", dict, {})
+    scaling = _typed(hf, "rope_scaling", dict, {})
     rope_type = params.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
     if rope_type != "default":
         raise ValueError(f"unsupported RoPE scaling {rope_type!r} (e.g. Llama 3.1's 'llama3'): "
                          f"kvlib implements plain rotary embeddings only")
-    return float(params.get("rope_theta", hf.get("rope_theta", 10_000.0)))
+    return require_number("rope_theta", params.get("rope_theta", hf.get("rope_theta", 10_000.0)),
+                          above=0)
 
 
 def _sliding_layers(hf: dict[str, Any], model_type: str,
@@ -85,43 +115,58 @@ def _sliding_layers(hf: dict[str, Any], model_type: str,
     window = hf.get("sliding_window")
     if model_type == "llama" or window is None:
         return None, None
-    if hf.get("layer_types") is not None:  # transformers >= 5 writes it out
-        layers = tuple(i for i, t in enumerate(hf["layer_types"]) if t == "sliding_attention")
+    types = _typed(hf, "layer_types", list, None)
+    if types is not None:  # transformers >= 5 writes it out
+        if len(types) != num_layers:
+            raise ValueError(f"layer_types has {len(types)} entries for {num_layers} layers")
+        layers = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
     elif model_type == "qwen2":  # Qwen2: layers from max_window_layers on, if enabled
-        first = hf.get("max_window_layers", num_layers) if hf.get("use_sliding_window") else num_layers
+        enabled = _typed(hf, "use_sliding_window", bool, False)
+        first = _count(hf, "max_window_layers", num_layers, minimum=0) if enabled else num_layers
         layers = tuple(range(first, num_layers))
     else:  # Mistral v0.1: every layer
         layers = tuple(range(num_layers))
     if not layers:
         return None, None
-    return int(window), (None if len(layers) == num_layers else layers)
+    return (require_int("sliding_window", window, minimum=1),
+            None if len(layers) == num_layers else layers)
 
 
 def config_from_hf(hf: dict[str, Any], name: str = "hf") -> ModelConfig:
-    """A `ModelConfig` from a checkpoint's config.json (as a dict); refuses what kvlib lacks."""
+    """A `ModelConfig` from a checkpoint's config.json (as a dict); refuses what kvlib lacks.
+
+    A missing required field, or a field of the wrong type (a bool where a count belongs, a
+    string where a number does), is a ValueError naming the field.
+    """
+    if not isinstance(hf, dict):
+        raise ValueError(f"a config must be a JSON object, got {type(hf).__name__}")
+    missing = [key for key in REQUIRED_FIELDS if hf.get(key) is None]
+    if missing:
+        raise ValueError(f"required field(s) missing: {', '.join(missing)}")
     model_type = _architecture(hf)
-    if hf.get("hidden_act", "silu") != "silu":
+    if _typed(hf, "hidden_act", str, "silu") != "silu":
         raise ValueError(f"unsupported hidden_act {hf['hidden_act']!r}: kvlib's MLP is SwiGLU")
-    if hf.get("quantization_config"):
-        method = hf["quantization_config"].get("quant_method", "?")
+    quantization = _typed(hf, "quantization_config", dict, {})
+    if quantization:
+        method = quantization.get("quant_method", "?")
         raise ValueError(f"unsupported quantized checkpoint ({method}): kvlib loads float "
                          f"weights only")
-    if hf.get("mlp_bias"):
+    if _typed(hf, "mlp_bias", bool, False):
         raise ValueError("unsupported mlp_bias=True: kvlib's MLP has no biases")
-    if model_type == "llama" and hf.get("attention_bias"):
+    if model_type == "llama" and _typed(hf, "attention_bias", bool, False):
         raise ValueError("unsupported attention_bias=True on Llama (biases on q, k, v and o): "
                          "kvlib has biases on q, k, v only, as Qwen2 does")
-    num_layers = hf["num_hidden_layers"]
+    num_layers, heads = _count(hf, "num_hidden_layers"), _count(hf, "num_attention_heads")
+    d_model = _count(hf, "hidden_size")
     window, layers = _sliding_layers(hf, model_type, num_layers)
-    heads = hf["num_attention_heads"]
     return ModelConfig(
-        vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], num_layers=num_layers,
-        num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads,
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-        ffn_dim=hf["intermediate_size"], rope_theta=_rope_theta(hf),
-        norm_eps=hf.get("rms_norm_eps", 1e-6),
-        max_seq_len=hf.get("max_position_embeddings", 2048),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        vocab_size=_count(hf, "vocab_size"), d_model=d_model, num_layers=num_layers,
+        num_heads=heads, num_kv_heads=_count(hf, "num_key_value_heads", heads),
+        head_dim=_count(hf, "head_dim", 0, minimum=0),  # 0: d_model // heads
+        ffn_dim=_count(hf, "intermediate_size"), rope_theta=_rope_theta(hf),
+        norm_eps=require_number("rms_norm_eps", hf.get("rms_norm_eps", 1e-6), above=0),
+        max_seq_len=_count(hf, "max_position_embeddings", 2048),
+        tie_embeddings=_typed(hf, "tie_word_embeddings", bool, False),
         qkv_bias=model_type == "qwen2", sliding_window=window, sliding_layers=layers,
         name=name)
 
@@ -147,17 +192,56 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def _read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from `path`; ValueError naming the file if it is not one."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def read_header(file: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Tensor name -> (safetensors dtype, shape) from a file's header; no tensor is read.
+
+    A truncated or corrupt file (safetensors checks that its header parses and that the
+    offsets it lists cover the file exactly) is a ValueError naming the file.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(file, framework="pt") as f:
+            slices = {name: f.get_slice(name) for name in f.keys()}
+            return {name: (str(s.get_dtype()), tuple(s.get_shape())) for name, s in slices.items()}
+    except SafetensorError as err:
+        raise ValueError(f"{file}: not a whole safetensors file ({err})") from None
+
+
+def _index(index: Path) -> dict[str, Path]:
+    """Weight name -> shard, from model.safetensors.index.json; shards must be plain file
+    names in the folder (an index cannot point outside it)."""
+    weight_map = _read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f"{index}: no weight_map (an object of weight name -> file name)")
+    files = {}
+    for name, file in weight_map.items():
+        if not (isinstance(file, str) and file.endswith(".safetensors")
+                and Path(file).name == file and file not in (".", "..")):
+            raise ValueError(f"{index}: {name} is mapped to {file!r}, not a .safetensors file "
+                             f"name in the checkpoint's folder")
+        files[name] = index.parent / file
+    return files
+
+
 def _weight_files(folder: Path) -> dict[str, Path]:
     """Weight name -> the safetensors file holding it (one file, or an index of shards)."""
-    from safetensors import safe_open
-
     index, single = folder / WEIGHTS_INDEX, folder / "model.safetensors"
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = {name: folder / file for name, file in weight_map.items()}
+        files = _index(index)
     elif single.is_file():
-        with safe_open(single, framework="pt") as f:
-            files = dict.fromkeys(f.keys(), single)
+        files = dict.fromkeys(read_header(single), single)
     else:
         pickled = sorted(p.name for p in folder.glob("*.bin"))
         hint = f" (found {', '.join(pickled)}: pickle, which kvlib never loads)" if pickled else ""
@@ -170,10 +254,15 @@ def _weight_files(folder: Path) -> dict[str, Path]:
 
 
 def check_checkpoint(folder: Path, cfg: ModelConfig) -> dict[str, Path]:
-    """Every expected weight present with its shape, nothing unexpected; reads headers only."""
-    from safetensors import safe_open
-
+    """Every expected weight present, in the file that is said to hold it, with a float dtype
+    and its shape; nothing unexpected; every file whole. Reads headers only."""
     files = _weight_files(folder)
+    headers = {file: read_header(file) for file in sorted(set(files.values()))}
+    absent = sorted(name for name, file in files.items() if name not in headers[file])
+    if absent:
+        raise ValueError(f"{folder / WEIGHTS_INDEX}: lists {len(absent)} weight(s) that their "
+                         f"shard does not hold: {absent[0]} (in {files[absent[0]].name})"
+                         f"{' ...' if len(absent) > 1 else ''}")
     expected = expected_shapes(cfg)
     # Tied checkpoints sometimes store lm_head anyway; it must then equal the embeddings' shape.
     extra = sorted(set(files) - set(expected) - {"lm_head.weight"})
@@ -182,16 +271,17 @@ def check_checkpoint(folder: Path, cfg: ModelConfig) -> dict[str, Path]:
         raise ValueError(f"{folder}: weights do not match config.json: missing {missing[:4]}"
                          f"{' ...' if len(missing) > 4 else ''}, unexpected {extra[:4]}"
                          f"{' ...' if len(extra) > 4 else ''}")
-    for file in sorted(set(files.values())):
-        with safe_open(file, framework="pt") as f:
-            for name in f.keys():
-                if name not in files or files[name] != file:
-                    continue
-                shape = tuple(f.get_slice(name).get_shape())
-                want = expected.get(name, (cfg.vocab_size, cfg.d_model))
-                if shape != want:
-                    raise ValueError(f"{file.name}: {name} has shape {shape}, config.json "
-                                     f"implies {want}")
+    for file, header in headers.items():  # in file order, then the file's own order
+        for name, (dtype, shape) in header.items():
+            if files.get(name) != file:
+                continue
+            want = expected.get(name, (cfg.vocab_size, cfg.d_model))
+            if shape != want:
+                raise ValueError(f"{file.name}: {name} has shape {shape}, config.json "
+                                 f"implies {want}")
+            if dtype not in FLOAT_DTYPES:
+                raise ValueError(f"{file.name}: {name} has dtype {dtype}: kvlib loads float "
+                                 f"weights ({', '.join(FLOAT_DTYPES)})")
     return files
 
 
@@ -229,7 +319,12 @@ def _read_config(folder: Path, name: str) -> ModelConfig:
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{folder} has no config.json")
-    return config_from_hf(json.loads(config_file.read_text()), name=name)
+    try:
+        return config_from_hf(_read_json(config_file), name=name)
+    except ValueError as err:
+        message = str(err)
+        raise ValueError(message if message.startswith(str(config_file))
+                         else f"{config_file}: {message}") from None
 
 
 def load_pretrained(path_or_id: str | Path, *, dtype: torch.dtype = torch.float32,

@@ -4,7 +4,10 @@
 models readers run, where the usual formula (2 x layers x d_model x bytes) goes wrong:
 grouped-query attention, head_dim not d_model / heads, sliding-window layers that keep only
 W tokens, DeepSeek's latent (MLA) instead of K and V per head, and how each splits over
-tensor-parallel GPUs. `REAL_MODELS` holds each model's public shape.
+tensor-parallel GPUs. `REAL_MODELS` holds each model's public shape: the dense presets of
+`kvlib.presets`, and the models whose caches need more than one formula (windows, chunked
+attention, a latent, mixture-of-experts weights). `tests/data/` keeps the fields of each
+public `config.json`, and `tests/test_presets.py` checks every entry against them.
 
 >>> token_bytes(REAL_MODELS["llama-3-8b"])          # 2 x 32 layers x 8 heads x 128 x 2 B
 131072
@@ -16,7 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kvlib.analysis import PRESETS, _check_count, dtype_bytes, param_count
+from kvlib.analysis import PRESETS, dtype_bytes, param_count
+from kvlib.checks import require_int
 from kvlib.config import ModelConfig
 
 
@@ -52,7 +56,7 @@ REAL_MODELS: dict[str, ModelConfig | MLAConfig] = {
         head_dim=128, ffn_dim=14336, rope_theta=10_000.0, norm_eps=1e-5, max_seq_len=32768,
         sliding_window=4096, name="mistral-7b-v0.1"),
     # mistralai/Mistral-7B-Instruct-v0.2: "sliding_window": null, rope_theta 1e6.
-    "mistral-7b-v0.2": PRESETS["mistral-7b"],
+    "mistral-7b-v0.2": PRESETS["mistral-7b-v0.2"],
     # Qwen/Qwen2.5-7B: 28 heads, 4 KV heads, q/k/v biases; "use_sliding_window": false.
     "qwen2.5-7b": ModelConfig(
         vocab_size=152064, d_model=3584, num_layers=28, num_heads=28, num_kv_heads=4,
@@ -71,7 +75,51 @@ REAL_MODELS: dict[str, ModelConfig | MLAConfig] = {
     "deepseek-v3": MLAConfig(
         name="deepseek-v3", num_layers=61, kv_lora_rank=512, qk_rope_head_dim=64,
         num_params=671_000_000_000, max_seq_len=163840),
+    "llama-3.1-8b": PRESETS["llama-3.1-8b"],  # meta-llama/Llama-3.1-8B: 131,072 tokens
+    "llama-3.1-70b": PRESETS["llama-3.1-70b"],  # meta-llama/Llama-3.1-70B, also Llama-3.3-70B
+    "qwen3-8b": PRESETS["qwen3-8b"],  # Qwen/Qwen3-8B
+    # google/gemma-3-27b-it (text_config): 62 layers, 16 KV heads of 128; "sliding_window":
+    # 1024 and "sliding_window_pattern": 6, so five local layers, then one global (layer i is
+    # global when (i + 1) % 6 == 0: 10 of 62). Tied embeddings, vocab 262,208.
+    "gemma-3-27b": ModelConfig(
+        vocab_size=262208, d_model=5376, num_layers=62, num_heads=32, num_kv_heads=16,
+        head_dim=128, ffn_dim=21504, rope_theta=1_000_000.0, norm_eps=1e-6,
+        max_seq_len=131072, tie_embeddings=True, sliding_window=1024,
+        sliding_layers=tuple(i for i in range(62) if (i + 1) % 6), name="gemma-3-27b"),
+    # meta-llama/Llama-4-Scout-17B-16E (text_config): 48 layers, 8 KV heads of 128,
+    # "attention_chunk_size": 8192 on three layers of four (the fourth uses no RoPE and attends
+    # globally: layer i is global when (i + 1) % 4 == 0). Chunked attention lets a token see
+    # only the earlier tokens of its own 8,192-token chunk, so such a layer never holds more
+    # than 8,192 keys: for sizing, a window of 8,192. 16 experts per MoE layer.
+    "llama-4-scout": ModelConfig(
+        vocab_size=202048, d_model=5120, num_layers=48, num_heads=40, num_kv_heads=8,
+        head_dim=128, ffn_dim=16384, rope_theta=500_000.0, norm_eps=1e-5,
+        max_seq_len=10_485_760, sliding_window=8192,
+        sliding_layers=tuple(i for i in range(48) if (i + 1) % 4), name="llama-4-scout"),
+    # openai/gpt-oss-120b: 36 layers, 64 heads of 64, 8 KV heads; "layer_types" alternate
+    # "sliding_attention" (window 128, even layers) and "full_attention". Each head also
+    # learns an attention sink, a logit every query attends to, which adds no cache.
+    # 128 experts per layer, their weights in MXFP4.
+    "gpt-oss-120b": ModelConfig(
+        vocab_size=201088, d_model=2880, num_layers=36, num_heads=64, num_kv_heads=8,
+        head_dim=64, ffn_dim=2880, rope_theta=150_000.0, norm_eps=1e-5, max_seq_len=131072,
+        sliding_window=128, sliding_layers=tuple(range(0, 36, 2)), name="gpt-oss-120b"),
 }
+
+# Totals as published, where kvlib's Llama-style count does not apply: mixture-of-experts
+# MLPs (`param_count` counts one dense MLP per layer).
+PUBLISHED_PARAMS: dict[str, int] = {
+    "llama-4-scout": 109_000_000_000,  # 17B active per token, 16 experts
+    "gpt-oss-120b": 116_800_000_000,  # 5.1B active per token, 128 experts
+}
+
+# Weights as published, in bytes, where no single dtype describes them. gpt-oss-120b keeps
+# its 114.7B expert weights in MXFP4 (4 bits and an 8-bit scale per 32: 4.25 bits) and the
+# other 2.1B (attention, embeddings, router) in bf16: 60.9 + 4.3 = 65.2 GB.
+PUBLISHED_WEIGHT_BYTES: dict[str, int] = {
+    "gpt-oss-120b": 65_200_000_000,
+}
+AS_PUBLISHED = "as published"  # the weight dtype that reads PUBLISHED_WEIGHT_BYTES
 
 
 def layer_token_bytes(model: ModelConfig | MLAConfig,
@@ -98,8 +146,15 @@ def token_bytes(model: ModelConfig | MLAConfig, dtype: torch.dtype | str = "bf16
 
 
 def model_params(model: ModelConfig | MLAConfig) -> int:
-    """Parameters: `param_count` for a Llama-style shape, the published total for MLA."""
-    return model.num_params if isinstance(model, MLAConfig) else param_count(model)
+    """Parameters: the published total for MLA and mixture-of-experts models, `param_count`
+    for a dense Llama-style shape.
+
+    >>> model_params(REAL_MODELS["gpt-oss-120b"]) / 1e9
+    116.8
+    """
+    if isinstance(model, MLAConfig):
+        return model.num_params
+    return PUBLISHED_PARAMS.get(model.name) or param_count(model)
 
 
 def kv_heads_per_gpu(model: ModelConfig | MLAConfig, tp: int) -> int:
@@ -113,7 +168,7 @@ def kv_heads_per_gpu(model: ModelConfig | MLAConfig, tp: int) -> int:
     >>> [kv_heads_per_gpu(llama70, tp) for tp in (1, 2, 8, 16)]
     [8, 4, 1, 1]
     """
-    _check_count("tp", tp, 1)
+    require_int("tp", tp, minimum=1)
     if isinstance(model, MLAConfig):
         return 1
     H, Hkv = model.num_heads, model.num_kv_heads
@@ -142,8 +197,8 @@ def cache_bytes(model: ModelConfig | MLAConfig, context_len: int, batch_size: in
     >>> cache_bytes(REAL_MODELS["llama-3-70b"], 8192, tp=8) / 2**20  # 8192 x 320 KiB / 8
     320.0
     """
-    _check_count("context_len", context_len, 0)
-    _check_count("batch_size", batch_size, 1)
+    require_int("context_len", context_len, minimum=0)
+    require_int("batch_size", batch_size, minimum=1)
     per_layer = layer_token_bytes(model, dtype)
     windows = ([None] * model.num_layers if isinstance(model, MLAConfig)
                else model.layer_windows)
@@ -155,8 +210,18 @@ def cache_bytes(model: ModelConfig | MLAConfig, context_len: int, batch_size: in
 
 def weight_bytes_per_gpu(model: ModelConfig | MLAConfig, dtype: torch.dtype | str = "bf16",
                          tp: int = 1) -> int:
-    """Weights each GPU holds when `tp` GPUs split them evenly (norms are tiny; ignored)."""
+    """Weights each GPU holds when `tp` GPUs split them evenly (norms are tiny; ignored).
+
+    `dtype` AS_PUBLISHED reads the model's `PUBLISHED_WEIGHT_BYTES` (mixed formats).
+
+    >>> weight_bytes_per_gpu(REAL_MODELS["gpt-oss-120b"], AS_PUBLISHED) / 1e9
+    65.2
+    """
     kv_heads_per_gpu(model, tp)  # the same divisibility rule as the heads
+    if dtype == AS_PUBLISHED:
+        if model.name not in PUBLISHED_WEIGHT_BYTES:
+            raise ValueError(f"{model.name}: no published weight size; give a dtype instead")
+        return -(-PUBLISHED_WEIGHT_BYTES[model.name] // tp)
     return -(-model_params(model) * dtype_bytes(dtype) // tp)
 
 
@@ -172,7 +237,7 @@ def max_sequences(model: ModelConfig | MLAConfig, context_len: int, gpu_bytes: i
     >>> max_sequences(REAL_MODELS["llama-3-8b"], 8192, 80 * 10**9)  # (80 - 16.06) GB / 1 GiB
     59
     """
-    _check_count("gpu_bytes", gpu_bytes, 1)
-    _check_count("context_len", context_len, 1)
+    require_int("gpu_bytes", gpu_bytes, minimum=1)
+    require_int("context_len", context_len, minimum=1)
     free = gpu_bytes - weight_bytes_per_gpu(model, weight_dtype, tp)
     return max(free, 0) // cache_bytes(model, context_len, 1, dtype, tp)

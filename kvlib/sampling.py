@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kvlib.checks import require_int, require_number
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -25,12 +27,14 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if not self.temperature >= 0:
-            raise ValueError(f"SamplingParams.temperature must be >= 0, got {self.temperature}")
-        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
-            raise ValueError(f"SamplingParams.top_k must be None or an int >= 1, got {self.top_k!r}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
+        # NOTE: bools are refused as ints (top_k=True is not "keep 1 token") and every
+        # number must be finite: temperature=inf would divide every logit into zeros.
+        require_number("SamplingParams.temperature", self.temperature, minimum=0)
+        if self.top_k is not None:
+            require_int("SamplingParams.top_k (or None)", self.top_k, minimum=1)
+        require_number("SamplingParams.top_p", self.top_p, above=0, maximum=1)
+        if self.seed is not None:  # torch seeds are unsigned 64-bit numbers
+            require_int("SamplingParams.seed (or None)", self.seed, minimum=0, maximum=2**64 - 1)
 
     @property
     def greedy(self) -> bool:
@@ -46,8 +50,11 @@ class SamplingParams:
 
 
 def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """(B, V) logits scaled by temperature, with tokens outside top-k / top-p set to -inf."""
-    logits = logits.float() / params.temperature  # (B, V)
+    """(B, V) logits scaled by temperature, with tokens outside top-k / top-p set to -inf.
+
+    Computed in float32, or in the logits' own dtype where it is wider (float64)."""
+    wide = torch.promote_types(logits.dtype, torch.float32)
+    logits = logits.to(wide) / params.temperature  # (B, V)
     if params.top_k is not None and params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -15,10 +15,13 @@ nothing when it says no) and takes the answer. Every step has a token budget,
    prompt, while the budget, the cache's room and `max_num_seqs` allow.
 
 When the cache has no room for a running sequence's tokens (a decode needs a new block and
-none is free), the most recently admitted running sequence is preempted: its blocks are freed
-and it goes back to the front of the waiting queue. When it
-is admitted again its prompt *and the tokens it already generated* are recomputed as one long
-prefill, and it goes on sampling from where it stopped, so its output does not change.
+none is free), the most recently admitted running sequence is preempted and goes back to the
+front of the waiting queue. How is a policy's choice (kvlib.preemption): by default its blocks
+are freed, and when it is admitted again its prompt *and the tokens it already generated* are
+recomputed as one long prefill; a swapping policy copies its blocks to host memory instead,
+and resuming copies them back. Either way it goes on sampling from where it stopped, so its
+output does not change. A waiting sequence with computed tokens is one a policy kept: it is
+resumed through the policy, not admitted afresh.
 
 Worked example (block size 4, token budget 6): sequence A is decoding, and a 9-token prompt B
 waits. Step 1: A feeds 1 token; B is admitted with a chunk of 5 (its first 5 tokens, 2 blocks).
@@ -38,8 +41,11 @@ from enum import Enum
 
 import torch
 
+from kvlib.cache.block_manager import SequenceBlocks
+from kvlib.cache.storage import BlockData
 from kvlib.checks import require_int
 from kvlib.contract import KVCacheManager
+from kvlib.preemption import PreemptionPolicy, Recompute
 from kvlib.sampling import SamplingParams
 
 
@@ -69,6 +75,24 @@ def _token_ids(name: str, ids) -> tuple[int, ...]:
         return tuple(operator.index(t) for t in ids)
     except TypeError:
         raise ValueError(f"{name} must be integer token ids, got {list(ids)!r}") from None
+
+
+@dataclass(frozen=True)
+class Handoff:
+    """A decoding request on its way to another engine: everything it needs to go on."""
+
+    request: Request
+    output_ids: tuple[int, ...]  # generated so far (the newest one not in the cache yet)
+    blocks: SequenceBlocks  # its cache blocks, as the manager exported them
+    # per cache group (L_g, 2, n, Hkv, BS, D), with (L_g, 2, n, Hkv, BS) scales beside codes
+    data: tuple[BlockData, ...]
+    rng_state: torch.Tensor | None  # its generator's state (seeded sampling), else None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of cache data that move (what a link carries; the rest is a few ints)."""
+        return sum(t.nbytes for d in self.data for t in ((d,) if isinstance(d, torch.Tensor)
+                                                          else d))
 
 
 class Status(str, Enum):
@@ -119,8 +143,9 @@ class ScheduledStep:
     """The plan of one step: (sequence, tokens it feeds) in batch order, and what changed."""
 
     entries: list[tuple[SequenceState, int]] = field(default_factory=list)
-    admitted: list[SequenceState] = field(default_factory=list)
+    admitted: list[SequenceState] = field(default_factory=list)  # resumed ones included
     preempted: list[SequenceState] = field(default_factory=list)
+    swapped: list[SequenceState] = field(default_factory=list)  # preempted, tokens kept
     num_cached_tokens: int = 0  # prompt tokens the admitted ones found in the prefix cache
 
     @property
@@ -132,8 +157,10 @@ class Scheduler:
     """Decides each step's batch; owns the waiting queue and the running list."""
 
     def __init__(self, cache: KVCacheManager, max_num_batched_tokens: int,
-                 max_num_seqs: int) -> None:
+                 max_num_seqs: int, preemption: PreemptionPolicy | None = None) -> None:
         self.cache = cache
+        self.preemption = Recompute() if preemption is None else preemption
+        self.preemption.check(cache)
         self.max_num_batched_tokens = require_int("max_num_batched_tokens",
                                                   max_num_batched_tokens, minimum=1)
         self.max_num_seqs = require_int("max_num_seqs", max_num_seqs, minimum=1)
@@ -146,6 +173,22 @@ class Scheduler:
 
     def add(self, seq: SequenceState) -> None:
         self.waiting.append(seq)
+
+    def add_running(self, seq: SequenceState) -> None:
+        """A sequence whose computed tokens the cache already holds (imported from another
+        engine) joins the running list; it decodes in the next step."""
+        if len(self.running) >= self.max_num_seqs:
+            raise ValueError(f"{len(self.running)} sequences are running: max_num_seqs "
+                             f"{self.max_num_seqs} leaves no room for sequence {seq.seq_id}")
+        seq.status = Status.RUNNING
+        self.running.append(seq)
+
+    def remove(self, seq: SequenceState) -> None:
+        """Take a running sequence out of the plan; its blocks are the caller's to free
+        (the engine frees them once another engine holds the sequence)."""
+        if seq not in self.running:
+            raise ValueError(f"sequence {seq.seq_id} is {seq.status.value}, not running")
+        self.running.remove(seq)
 
     # -- planning ------------------------------------------------------------------------------
     def schedule(self) -> ScheduledStep:
@@ -189,8 +232,12 @@ class Scheduler:
         return plan
 
     def _admit_chunk(self, seq: SequenceState, budget: int, plan: ScheduledStep) -> int:
-        """Give `seq` its cached prefix and room for its first chunk; 0 (and no change) if the
-        cache cannot hold that chunk."""
+        """Give `seq` its cached prefix (or what its preemption kept) and room for its first
+        chunk; 0 (and no change) if the cache cannot hold that chunk."""
+        if seq.num_computed_tokens > 0:  # kept by the preemption policy: bring it back
+            n = min(seq.num_pending_tokens, budget)
+            done = seq.num_computed_tokens
+            return n if self.preemption.resume(self.cache, seq.seq_id, done, done + n) else 0
         # NOTE: admit always leaves at least the last token to compute, even when every
         # block is cached: that token's logits choose the next new token.
         cached = self.cache.admit(seq.seq_id, seq.token_ids)
@@ -216,14 +263,17 @@ class Scheduler:
         return victim is not seq
 
     def _preempt(self, seq: SequenceState, plan: ScheduledStep) -> None:
-        """Free `seq`'s blocks and queue it first, to be recomputed.
+        """Free `seq`'s device blocks (the policy may keep its tokens elsewhere) and queue
+        it first.
 
         NOTE: the most recently admitted goes: it has done the least work (least to
         recompute), and the oldest requests, waiting longest, keep going.
         """
         self.running.remove(seq)
-        self.cache.release([seq.seq_id])
-        seq.num_computed_tokens = 0
+        seq.num_computed_tokens = self.preemption.preempt(self.cache, seq.seq_id,
+                                                          seq.num_computed_tokens)
+        if seq.num_computed_tokens:
+            plan.swapped.append(seq)
         seq.status = Status.WAITING
         seq.num_preemptions += 1
         self.waiting.appendleft(seq)  # NOTE: first back in, so it is not starved by newcomers

@@ -5,7 +5,9 @@ prompts in one step, then decodes every member for as many steps as its *longest
 needs; a member that is done keeps being fed (its outputs thrown away) because the batch is a
 fixed rectangle, and the next batch starts only when the whole batch is done. Its cache is
 reserved up front for the worst case of every member (longest prompt + longest output), as a
-rectangular cache must be.
+rectangular cache must be. It serves what the engine serves: every request whose prompt and
+output fit the model's context (prompt + max_new_tokens - 1 positions); a finished member's
+padding stops at the end of the context instead of running past it.
 
 NOTE: kept generous on purpose: prompts are packed, not padded to the longest (the model's
 packed path needs no padding), and decodes read the same paged cache with the same kernels as
@@ -25,10 +27,10 @@ import torch
 
 from kvlib.bench import progress
 from kvlib.cache.paged import PagedKVCache
-from kvlib.checks import is_int, require_int
+from kvlib.checks import require_int
 from kvlib.config import CacheConfig
-from kvlib.engine import EngineMetrics, GenerateResult, RequestOutput, StepRecord
 from kvlib.model import TransformerLM
+from kvlib.outputs import EngineMetrics, GenerateResult, RequestOutput, StepRecord
 from kvlib.sampling import SamplingParams, sample_next
 
 
@@ -38,17 +40,25 @@ def static_generate(model: TransformerLM, prompts: Sequence[Sequence[int]],
                     max_new_tokens: int | Sequence[int] = 16, *, batch_size: int = 8,
                     block_size: int = 16, stop_token_ids: Sequence[int] = (),
                     show_progress: bool = True) -> GenerateResult:
-    """Generate for every prompt in static batches of `batch_size`; one output per prompt."""
+    """Generate for every prompt in static batches of `batch_size`; one output per prompt.
+
+    Every request is checked before anything runs (token ids, lengths, sampling parameters,
+    room in the model's context), so a call that fails has generated nothing.
+    """
     require_int("batch_size", batch_size, minimum=1)
+    require_int("block_size", block_size, minimum=1)
     n = len(prompts)
-    prompts = [[int(t) for t in (p.tolist() if isinstance(p, torch.Tensor) else p)]
-               for p in prompts]
+    prompts = [p.tolist() if isinstance(p, torch.Tensor) else list(p) for p in prompts]
     samplings = [sampling] * n if isinstance(sampling, SamplingParams) else list(sampling)
-    lengths = [max_new_tokens] * n if is_int(max_new_tokens) else list(max_new_tokens)
+    if isinstance(max_new_tokens, Sequence) and not isinstance(max_new_tokens, str):
+        lengths = list(max_new_tokens)
+    else:  # one for every request (checked below: an int, not a bool)
+        lengths = [max_new_tokens] * n
     if n == 0 or len(samplings) != n or len(lengths) != n or min(map(len, prompts)) < 1:
         raise ValueError(f"need >= 1 non-empty prompts with one sampling and max_new_tokens "
                          f"each; got {n} prompts, {len(samplings)} sampling params, "
                          f"{len(lengths)} max_new_tokens")
+    _check_requests(model, prompts, samplings, lengths, stop_token_ids)
     weight = model.embed.weight
     longest = max(map(len, prompts)) + max(lengths)
     cache = PagedKVCache(CacheConfig.for_model(
@@ -67,6 +77,23 @@ def static_generate(model: TransformerLM, prompts: Sequence[Sequence[int]],
     return GenerateResult([o for o in outputs if o is not None], metrics)
 
 
+def _check_requests(model: TransformerLM, prompts: list[list[int]],
+                    samplings: list[SamplingParams], lengths: list[int],
+                    stop_token_ids: Sequence[int]) -> None:
+    vocab, context = model.config.vocab_size, model.config.max_seq_len
+    for i, (prompt, params, n) in enumerate(zip(prompts, samplings, lengths)):
+        for t in prompt:
+            require_int(f"prompt {i}'s token ids", t, minimum=0, maximum=vocab - 1)
+        require_int(f"max_new_tokens of request {i}", n, minimum=1)
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling of request {i} must be SamplingParams, got {params!r}")
+        if len(prompt) + n - 1 > context:  # the last new token is never fed back
+            raise ValueError(f"request {i}: a {len(prompt)}-token prompt plus {n} new tokens "
+                             f"needs {len(prompt) + n - 1} positions; the model has {context}")
+    for t in stop_token_ids:
+        require_int("each stop token id", t, minimum=0, maximum=vocab - 1)
+
+
 def _run_batch(model, cache, prompts, samplings, lengths, stops, members, t0, metrics,
                outputs) -> None:
     device = model.embed.weight.device
@@ -78,36 +105,42 @@ def _run_batch(model, cache, prompts, samplings, lengths, stops, members, t0, me
     batch_start = time.perf_counter()
     num_steps = max(lengths[i] for i in members)  # NOTE: the longest member sets the pace
     ids = list(range(len(members)))
+    context = model.config.max_seq_len
     for step in range(num_steps):
         step_start = time.perf_counter()
         if step == 0:
+            fed = ids
             lens = [len(prompts[i]) for i in members]
             token_ids = torch.tensor([t for i in members for t in prompts[i]], device=device)
         else:
-            lens = [1] * len(members)  # finished members are fed too: the batch is a rectangle
-            token_ids = torch.tensor([o[-1] for o in out], device=device)  # (B,)
-        hidden = model.packed_hidden_states(token_ids, lens, cache, ids)  # (N, d)
-        last = torch.tensor(lens).cumsum(0) - 1  # (B,) row of each member's last token
-        logits = model.lm_head(hidden[last.to(device)]).float()  # (B, V)
+            # Finished members are fed too (the batch is a rectangle), but only while the
+            # token fed, at position len(prompt) + step - 1, stays inside the context.
+            fed = [j for j in ids if not done[j] or len(prompts[members[j]]) + step <= context]
+            lens = [1] * len(fed)
+            token_ids = torch.tensor([out[j][-1] for j in fed], device=device)  # (B',)
+        hidden = model.packed_hidden_states(token_ids, lens, cache, fed)  # (N, d)
+        last = torch.tensor(lens).cumsum(0) - 1  # (B',) row of each member's last token
+        logits = model.lm_head(hidden[last.to(device)]).float()  # (B', V)
         now = time.perf_counter()
         events = []
-        for j, i in enumerate(members):
+        for row, j in enumerate(fed):
+            i = members[j]
             if done[j]:
                 out[j].append(out[j][-1])  # padding, thrown away below
                 events.append((i, "pad", 1))
                 continue
-            token = int(sample_next(logits[j:j + 1], samplings[i], gens[j])[0])
+            token = int(sample_next(logits[row:row + 1], samplings[i], gens[j])[0])
             out[j].append(token)
             metrics.num_generated_tokens += 1
             if step == 0:
                 first_token_s[j] = now
-            events.append((i, "prefill" if step == 0 else "decode", lens[j]))
+            events.append((i, "prefill" if step == 0 else "decode", lens[row]))
             if token in stops or len(out[j]) >= lengths[i]:
                 done[j] = True
                 reasons[j] = "stop" if token in stops else "length"
                 events.append((i, "finish", len(out[j])))
         metrics.steps.append(StepRecord(
-            len(metrics.steps), sum(lens), len(members), 0 if step == 0 else len(members),
+            len(metrics.steps), sum(lens), len(fed), 0 if step == 0 else len(fed),
             sum(lens) if step == 0 else 0, cache.num_used_blocks, 0,
             now - step_start, tuple(events)))
     cache.release(ids)

@@ -32,11 +32,14 @@ KV_ELEMENTS_PER_TOKEN = {
     "smollm2-135m": 2 * 30 * 3 * 64,  # 11,520
     "llama-3-8b": 2 * 32 * 8 * 128,  # 65,536
     "llama-3-70b": 2 * 80 * 8 * 128,  # 163,840
-    "mistral-7b": 2 * 32 * 8 * 128,  # 65,536
+    "mistral-7b-v0.2": 2 * 32 * 8 * 128,  # 65,536
+    "llama-3.1-8b": 2 * 32 * 8 * 128,  # 65,536: Llama 3's shapes, a longer context
+    "llama-3.1-70b": 2 * 80 * 8 * 128,  # 163,840
+    "qwen3-8b": 2 * 36 * 8 * 128,  # 73,728
 }
 
 
-def test_presets_are_the_five_named_models():
+def test_presets_are_the_named_models():
     assert set(PRESETS) == set(KV_ELEMENTS_PER_TOKEN)
     for key, cfg in PRESETS.items():
         assert cfg.name == key
@@ -63,7 +66,7 @@ def test_kv_bytes_per_token_spelled_out():
     assert kv_bytes_per_token(PRESETS["smollm2-135m"], "bf16") == 23040  # 2*30*3*64*2
     assert kv_bytes_per_token(PRESETS["llama-3-8b"], "bf16") == 131072  # 128 KiB
     assert kv_bytes_per_token(PRESETS["llama-3-70b"], "bf16") == 327680  # 2*80*8*128*2
-    assert kv_bytes_per_token(PRESETS["mistral-7b"], "bf16") == 131072
+    assert kv_bytes_per_token(PRESETS["mistral-7b-v0.2"], "bf16") == 131072
     assert kv_bytes_per_token(PRESETS["llama-3-8b"], "fp8") == 65536
 
 
@@ -101,7 +104,7 @@ def test_param_count_llama_3_70b_and_mistral_7b():
     # Mistral-7B: published as 7.24B; Llama-3-8B's layers with a 32,000-token vocabulary.
     expected_mistral = 2 * 32000 * 4096 + 32 * 218_112_000 + 4096
     assert expected_mistral == 7_241_732_096
-    assert param_count(PRESETS["mistral-7b"]) == expected_mistral
+    assert param_count(PRESETS["mistral-7b-v0.2"]) == expected_mistral
 
 
 def test_param_count_gpt2_is_the_llama_style_count_not_gpt2s():

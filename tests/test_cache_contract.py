@@ -83,11 +83,12 @@ def ring(num_layers, num_kv_heads, head_dim, capacity, max_seqs, dtype, windows,
 
 
 def paged(num_layers, num_kv_heads, head_dim, capacity, max_seqs, dtype, windows, sinks, *,
-          block_size):
+          block_size, kv_cache_dtype="auto"):
     # Blocks for `capacity` tokens in each sequence; one sequence may grow past its share
     # (max_seq_len), so the pool, not a per-sequence limit, is what runs out.
     return PagedKVCache(_config(num_layers, num_kv_heads, head_dim, 1, capacity * max_seqs,
-                                dtype, windows, sinks, block_size=block_size),
+                                dtype, windows, sinks, block_size=block_size,
+                                kv_cache_dtype=kv_cache_dtype),
                         num_blocks=max_seqs * -(-capacity // block_size))
 
 
@@ -104,7 +105,7 @@ def quantized(num_layers, num_kv_heads, head_dim, capacity, max_seqs, dtype, win
 
 
 KIVI_G4 = KVQuantConfig(QuantScheme("int4", "channel", 4, symmetric=False),  # keys: per channel
-                        QuantScheme("int4", "token", symmetric=False), window=2)
+                        QuantScheme("int4", "token", symmetric=False), residual=2)
 CACHE_KINDS: dict[str, Kind] = {
     "flat-seq-major": Kind(partial(flat, layout=Layout.SEQ_MAJOR)),
     "flat-head-major": Kind(partial(flat, layout=Layout.HEAD_MAJOR)),
@@ -117,6 +118,11 @@ CACHE_KINDS: dict[str, Kind] = {
     # StreamingLLM's policy on layer 0: the first 2 tokens and the last 4
     "paged-bs2-sinks2-window4": Kind(partial(paged, block_size=2), windows=(4,),
                                      sink_tokens=2),
+    # codes the fused kernels read: one int8 (or e4m3) code per number, a scale per row;
+    # atol: half a step of randn values (< 5 / 127 / 2 in int8; e4m3 keeps 3 mantissa bits)
+    "paged-bs4-int8": Kind(partial(paged, block_size=4, kv_cache_dtype="int8"), atol=0.03),
+    "paged-bs4-fp8-window3": Kind(partial(paged, block_size=4, kv_cache_dtype="fp8_e4m3"),
+                                  atol=0.35, windows=(3,)),
     # atol: half a step of randn values, int8 per token (< 5 / 127 / 2) and int4 in groups
     # of 4 tokens or one token's 4 channels ((max - min) / 15 / 2 < 0.5)
     "quantized-int8-flat": Kind(partial(quantized, quant=QUANT_PRESETS["int8-token"],
@@ -190,7 +196,8 @@ class Harness:
         assert batch.cu_query_lens.tolist() == [0, *itertools.accumulate(query_lens)]
         assert batch.query_starts == tuple(batch.cu_query_lens.tolist())
         for slots in batch.slot_mapping.tolist():  # one row per cache group
-            assert len(slots) == N and len(set(slots)) == N, "two new tokens share a slot"
+            stored = [x for x in slots if x >= 0]  # < 0: not at a slot (a quantized residual)
+            assert len(slots) == N and len(set(stored)) == len(stored), "two tokens, one slot"
         assert self.cache.lengths(seq_ids).tolist() == before, "begin moved a length"
         return batch
 

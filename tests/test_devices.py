@@ -36,7 +36,8 @@ from kvlib.config import Layout, ModelConfig
 from kvlib.contract import PagedKV
 from kvlib.engine import BatchedInferenceEngine
 from kvlib.experiments import demo_model
-from kvlib.kernels.paged_decode_cpu import paged_decode_attention, paged_decode_attention_ref
+from kvlib.kernels.paged_decode_cpu import paged_decode_numba
+from kvlib.kernels.reference import paged_decode_ref
 from kvlib.model import Generation, TransformerLM
 from kvlib.sampling import SamplingParams
 
@@ -262,8 +263,8 @@ def test_cpu_paged_decode_kernel_is_numba_in_fp32_and_the_reference_otherwise(dt
     q = torch.randn(3, 4, D, generator=gen).to(dtype)  # (B, H, D)
     tables = torch.tensor([[5, 1, -1], [0, 2, 7], [3, -1, -1]], dtype=torch.int32)  # (B, M)
     lens = torch.tensor([6, 12, 1], dtype=torch.int32)  # (B,)
-    got = paged_decode_attention(q, k_pool, v_pool, tables, lens)
-    want = paged_decode_attention_ref(q, k_pool, v_pool, tables, lens)
+    got = paged_decode_numba(q, k_pool, v_pool, tables, lens)
+    want = paged_decode_ref(q, k_pool, v_pool, tables, lens)
     assert got.dtype == dtype and got.shape == q.shape
     if dtype == torch.float32:  # numba: another summation order
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -27,25 +27,29 @@ from kvlib.model import TransformerLM
 from kvlib.sampling import SamplingParams
 from kvlib.scheduler import Request
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread is faster
+
 V = 61
 # Per-token scales, no full-precision window: what a query reads of a key does not depend on
 # how the steps were cut, so the engine and a request alone read the same numbers.
 _INT4_G8 = QuantScheme("int4", "token", group_size=8, symmetric=False)
-INT8 = KVQuantConfig(QuantScheme("int8", "token"), QuantScheme("int8", "token"), window=0,
+INT8 = KVQuantConfig(QuantScheme("int8", "token"), QuantScheme("int8", "token"), residual=0,
                      name="int8 per token")
-INT4 = KVQuantConfig(_INT4_G8, _INT4_G8, window=0, name="int4 per token, groups of 8")
+INT4 = KVQuantConfig(_INT4_G8, _INT4_G8, residual=0, name="int4 per token, groups of 8")
 
 
 @dataclass(frozen=True)
 class Setup:
     fields: dict  # ModelConfig changes
     quant: KVQuantConfig | None = None
+    kv_cache_dtype: str = "auto"  # codes the fused kernels read
 
 
 SETUPS = {
     "paged": Setup({}),
     "int8": Setup({}, INT8),
     "int4": Setup({}, INT4),
+    "int8-codes": Setup({}, kv_cache_dtype="int8"),  # one code + a float32 scale per row
     "window-6": Setup(dict(sliding_window=6)),  # every prompt below outgrows it
     "gemma-style": Setup(dict(sliding_window=6, sliding_layers=(0,))),
     "sinks-2-window-6": Setup(dict(sliding_window=6, sink_tokens=2)),
@@ -58,20 +62,28 @@ SETUPS = {
 }
 
 
-def make_model(setup: Setup, seed: int = 0, d_model: int = 32) -> TransformerLM:
+def make_model(setup: Setup, seed: int = 0, d_model: int = 32,
+               num_layers: int = 2) -> TransformerLM:
     torch.manual_seed(seed)
-    cfg = ModelConfig(**{**dict(vocab_size=V, d_model=d_model, num_layers=2, num_heads=4,
-                                num_kv_heads=2, max_seq_len=96), **setup.fields})
+    fields = {**dict(num_kv_heads=2), **setup.fields}  # MLA setups set num_kv_heads
+    if num_layers == 1 and "sliding_layers" in fields:
+        fields["sliding_layers"] = (0,)  # keep the window on the one layer
+    cfg = ModelConfig(vocab_size=V, d_model=d_model, num_layers=num_layers, num_heads=4,
+                      max_seq_len=96, **fields)
     return TransformerLM(cfg).double().eval()
 
 
 def alone(model, setup, prompt, sampling, n):
-    """Generating this request by itself: without a cache, or through a quantized cache of
-    the same scheme when the engine's cache is quantized."""
-    cache = None
+    """Generating this request by itself: through a flat cache (which keeps every key; a
+    windowed layer's view hides what its window passed), or through a quantized cache of the
+    same scheme when the engine's cache is quantized."""
+    cache = model.new_cache(1, len(prompt) + n)
     if setup.quant is not None:
         cache = QuantizedKVCache(model.cache_config(1, 96, block_size=4), setup.quant,
                                  lambda c: PagedKVCache(c, num_blocks=24))
+    elif setup.kv_cache_dtype != "auto":
+        cache = PagedKVCache(model.cache_config(1, 96, block_size=4,
+                                                kv_cache_dtype=setup.kv_cache_dtype), 24)
     return model.generate(torch.tensor([prompt]), n, sampling=sampling,
                           cache=cache).tokens[0].tolist()
 
@@ -114,7 +126,8 @@ def test_outputs_equal_generate_alone(setup, model, backend, num_blocks, budget)
     prompts, lengths, samplings = random_requests(10, seed=num_blocks + budget,
                                                   prefixes=prefixes)
     engine = BatchedInferenceEngine(model, num_blocks=num_blocks, block_size=4,
-                                    max_num_batched_tokens=budget, quant=setup.quant)
+                                    max_num_batched_tokens=budget, quant=setup.quant,
+                                    kv_cache_dtype=setup.kv_cache_dtype)
     model.attention = backend
     try:
         result = engine.generate(prompts, samplings, lengths, show_progress=False)
@@ -128,13 +141,14 @@ def test_outputs_equal_generate_alone(setup, model, backend, num_blocks, budget)
 
 
 def test_randomized_300_requests(setup):
-    small = make_model(setup, seed=7, d_model=16)
+    small = make_model(setup, seed=7, d_model=16, num_layers=1)
     rng = random.Random(11)
     prefixes = [[rng.randrange(V) for _ in range(rng.randint(4, 14))] for _ in range(6)]
     prompts, lengths, samplings = random_requests(300, seed=12, max_prompt=14, max_new=10,
                                                   prefixes=prefixes)
     engine = BatchedInferenceEngine(small, num_blocks=24, block_size=4,
-                                    max_num_batched_tokens=24, quant=setup.quant)
+                                    max_num_batched_tokens=24, quant=setup.quant,
+                                    kv_cache_dtype=setup.kv_cache_dtype)
     ids = []
     for i, (p, n, s) in enumerate(zip(prompts, lengths, samplings)):
         ids.append(engine.add_request(Request(p, s, n)))

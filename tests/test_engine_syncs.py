@@ -24,6 +24,8 @@ from kvlib.engine import BatchedInferenceEngine
 from kvlib.model import TransformerLM
 from kvlib.sampling import SamplingParams
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread is faster
+
 READS = ["item", "tolist", "numpy", "cpu", "__int__", "__bool__", "__float__", "__index__"]
 
 

@@ -109,18 +109,19 @@ def test_online_softmax_trace_ends_at_the_softmax_normaliser():
 def test_tile_figure_marks_the_current_tile():
     scores = fviz.toy_scores(8)
     fig = fviz.tile_step_figure(scores, 2, 2, 6)
-    assert "tile 6 of 10: queries 4-5, keys 4-5" in fig.axes[0].get_title()
+    assert "tile 6 of 10:\nqueries 4-5, keys 4-5" in fig.axes[0].get_title()
     red = [p for p in fig.axes[0].patches if p.get_edgecolor()[:3] == (0.8392156862745098,
                                                                         0.15294117647058825,
                                                                         0.1568627450980392)]
     assert len(red) == 1 and red[0].get_xy() == (4, 4)
 
 
-def test_tile_widget_has_a_state_per_tile_and_step():
-    widget = fwidgets.tile_widget(seq_len=4, tile_sizes=(2, 4))
-    tile_control, step_control = widget.children[0].children
+def test_tile_widget_has_a_state_per_tile_and_no_repeats():
+    widget = fwidgets.tile_widget(seq_len=4, tile=2)
+    (step_control,) = widget.children[0].children
     assert [o[0] for o in step_control.options] == ["1", "2", "3"]  # 3 tiles of 2 over 4 tokens
-    assert len(widget.children[1].children) == 2  # one stack per tile size
+    images = [state.children[1].value for state in widget.children[1].children]
+    assert len(images) == 3 and len(set(images)) == 3  # every state shows something new
 
 
 def test_plot_peak_memory_draws_measured_and_fitted_lines():
@@ -131,3 +132,11 @@ def test_plot_peak_memory_draws_measured_and_fitted_lines():
     labels = [line.get_label() for line in ax.lines]
     assert labels == ["naive (measured)", "chunked (measured)", "sdpa (measured)",
                       "naive: quadratic fit", "chunked: linear fit"]
+
+
+def test_tile_order_numbers_every_computed_tile_in_order():
+    ax = plt.subplots()[1]
+    fviz.draw_tile_order(ax, 8, 2, 2)
+    numbers = [int(t.get_text()) for t in ax.texts]
+    assert numbers == list(range(1, 11))  # 10 of the 16 tiles, the others hatched
+    assert sum(1 for p in ax.patches if p.get_hatch()) == 6

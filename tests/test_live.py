@@ -13,6 +13,7 @@ import matplotlib
 import matplotlib.pyplot as plt
 import pytest
 
+from kvlib.viz import style
 from kvlib.widgets import live as L
 
 matplotlib.use("Agg")
@@ -109,8 +110,48 @@ def test_figures_become_small_pngs_and_are_closed():
     fig, _ = plt.subplots(figsize=(2, 1))
     png = L.figure_png(fig)
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
-    width = int.from_bytes(png[16:20], "big")  # pixels: about 2 in x 72 dpi, not x 100
-    assert 2 * L.DPI <= width < 2 * 100
+    width = int.from_bytes(png[16:20], "big")  # pixels: 2 in x WIDGET_DPI
+    assert width == 2 * L.DPI
+    assert png[25] == 3  # colour type 3: a palette of at most 256 colours
+
+
+def test_figures_are_shown_at_the_size_they_were_drawn():
+    def render(n):
+        return plt.figure(figsize=(4, 2))
+
+    image = state(L.live(render, n=[1]), n=1).children[1]
+    assert image.layout.width == f"{4 * style.DISPLAY_DPI}px"
+    assert image.layout.max_width == L.FIT  # never wider than the page
+    html = L.figure_html(plt.figure(figsize=(5, 2)))
+    assert f"width: {5 * style.DISPLAY_DPI}px; max-width: {L.FIT}" in html
+
+
+def test_states_are_drawn_in_the_book_style():
+    sizes = []
+
+    def render(n):
+        sizes.append(plt.rcParams["xtick.labelsize"])
+        return f"<p>{n}</p>"
+
+    before = plt.rcParams["xtick.labelsize"]
+    with matplotlib.rc_context({"xtick.labelsize": 4}):
+        L.live(render, n=[1])
+        assert plt.rcParams["xtick.labelsize"] == 4  # the notebook's own settings, restored
+    assert sizes == [style.RC["xtick.labelsize"]] and plt.rcParams["xtick.labelsize"] == before
+
+
+def test_without_stack_a_tab_stands_in(monkeypatch):
+    # ipywidgets 7 (Colab's) has no Stack: a Tab with its bar hidden, linked the same way.
+    monkeypatch.delattr(W, "Stack")
+    linked = []
+    jslink = W.jslink
+    monkeypatch.setattr(W, "jslink", lambda a, b: linked.append((a, b)) or jslink(a, b))
+    w = L.live(lambda n, m: f"<p>{n} {m}</p>", n=[1, 2], m=["a", "b"])
+    outer = w.children[1]
+    assert isinstance(outer, W.Tab) and L.STACK_CLASS in outer._dom_classes
+    assert isinstance(outer.children[0], W.Tab)
+    assert L.TAB_AS_STACK_CSS in w.children[2].value
+    assert ((w.children[0].children[0], "index"), (outer, "selected_index")) in linked
 
 
 def test_a_widget_result_goes_below_its_label():

@@ -18,7 +18,8 @@ from kvlib.cache.paged import PagedKVCache
 from kvlib.config import CacheConfig, ModelConfig
 from kvlib.contract import append
 from kvlib.experiments import demo_model, recorded_copies
-from kvlib.kernels.paged_decode_cpu import paged_decode_attention, paged_decode_attention_ref
+from kvlib.kernels.paged_decode_cpu import paged_decode_numba
+from kvlib.kernels.reference import paged_decode_ref
 
 TINY = ModelConfig(vocab_size=256, d_model=64, num_layers=2, num_heads=8, num_kv_heads=2,
                    max_seq_len=256, name="tiny")
@@ -101,10 +102,10 @@ def test_paged_decode_kernel_matches_reference(block_size, H, Hkv):
     lens = torch.tensor([1, block_size * M, max(1, block_size * M // 2 + 1)])
     tables[0, 1:] = -1  # a one-token sequence: the rest of its table is padding
     q = torch.randn(B, H, D, generator=gen)
-    ref = paged_decode_attention_ref(q, *pools, tables, lens)
-    torch.testing.assert_close(paged_decode_attention(q, *pools, tables, lens), ref,
+    ref = paged_decode_ref(q, *pools, tables, lens)
+    torch.testing.assert_close(paged_decode_numba(q, *pools, tables, lens), ref,
                                atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(paged_decode_attention(q.double(), pools[0].double(),
+    torch.testing.assert_close(paged_decode_numba(q.double(), pools[0].double(),
                                                       pools[1].double(), tables, lens),
                                ref.double(), atol=1e-5, rtol=1e-5)
 
@@ -114,11 +115,11 @@ def test_paged_decode_kernel_refuses_bad_shapes():
     pool = torch.zeros(4, 2, 4, 8)
     tables = torch.zeros(2, 2, dtype=torch.int32)
     with pytest.raises(ValueError, match="context_lens"):
-        paged_decode_attention(q, pool, pool, tables, torch.tensor([0, 3]))
+        paged_decode_numba(q, pool, pool, tables, torch.tensor([0, 3]))
     with pytest.raises(ValueError, match="context_lens"):
-        paged_decode_attention(q, pool, pool, tables, torch.tensor([9, 3]))
+        paged_decode_numba(q, pool, pool, tables, torch.tensor([9, 3]))
     with pytest.raises(ValueError, match="head dims"):
-        paged_decode_attention(torch.zeros(2, 4, 6), pool, pool, tables, torch.tensor([1, 1]))
+        paged_decode_numba(torch.zeros(2, 4, 6), pool, pool, tables, torch.tensor([1, 1]))
 
 
 def test_decode_step_makes_no_copy_of_the_cache(model):

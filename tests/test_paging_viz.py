@@ -80,7 +80,7 @@ def test_draw_pool_fills_slots_and_labels_reference_counts(ax):
     assert len(slots) == 6 * 4
     assert sum(filled for _, filled in slots) == 4 + 4 + 1 + 2 + 4  # blocks 0, 1, 2, 4; cached 5
     texts = [t.get_text() for t in ax.texts]
-    for label in ("ref 2", "ref 1", "free", "cached", "#5", "2→#4", "seq 1 (10 tokens)"):
+    for label in ("ref 2", "ref 1", "free", "cached", "#5", "2→#4", "seq 1\n10 tokens"):
         assert label in texts
     assert texts.count("ref 2") == 2 and texts.count("ref 1") == 2
     outlines = [p for p in ax.patches if isinstance(p, Rectangle) and p.get_width() == 4
@@ -255,3 +255,12 @@ def test_the_chapters_simulator_widget_stays_light():
               for s in mid.children]
     assert len(tables) == 36 and all(isinstance(t, W.HTML) for t in tables)
     assert sum(len(t.value) for t in tables) < 200_000  # a few kB per state
+
+
+def test_draw_group_tables_hatches_the_null_block_entries(ax):
+    tables = {"windowed": [9, 9, 3, 4], "global": [0, 1, 2, 5]}
+    pviz.draw_group_tables(ax, tables, {"windowed": 9, "global": 9}, block_size=8)
+    hatched = [p for p in ax.patches if p.get_hatch()]
+    assert len(ax.patches) == 8 and len(hatched) == 2  # the windowed group's two freed entries
+    labels = [t.get_text() for t in ax.texts]
+    assert "windowed\n2 of 4 held" in labels and "global\n4 of 4 held" in labels

@@ -64,4 +64,4 @@ def test_memory_widget_has_every_state():
     widget = qw.memory_widget(context=1024)
     labels = _labels(widget)
     assert len(labels) == 2 * 3 * 3
-    assert any("format = int4 · group = 32 · window = 128" in t for t in labels)
+    assert any("format = int4 · group = 32 · residual = 128" in t for t in labels)

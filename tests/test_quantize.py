@@ -18,9 +18,17 @@ from kvlib.cache.quantize import (
     LLAMA_CPP_Q4_0,
     LLAMA_CPP_Q8_0,
     SCALE_DTYPES,
+    VLLM_FP8,
+    VLLM_FP8_KEYS,
+    VLLM_FP8_VALUES,
     QuantScheme,
     bits_per_value,
+    blocked,
+    code_range,
+    compute_params,
+    decode,
     dequantize,
+    encode,
     error_bound,
     pack_int4,
     quantize,
@@ -121,6 +129,12 @@ def test_bits_per_value_of_the_anchors():
     ({"granularity": "tensor", "group_size": 8}, "group_size"),
     ({"format": "fp8_e4m3", "symmetric": False}, "zero points"),
     ({"scale_dtype": torch.bfloat16}, "scale_dtype"),
+    ({"max_code": 0}, "max_code"),
+    ({"max_code": 128}, r"max_code \(or None\) must be a finite number > 0 and <= 127"),
+    ({"format": "fp8_e4m3", "max_code": 449.0}, "<= 448"),
+    ({"max_code": True}, "max_code"),
+    ({"max_code": float("nan")}, "max_code"),
+    ({"symmetric": False, "max_code": 100}, "max_code is for symmetric schemes"),
 ])
 def test_bad_schemes_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -137,3 +151,100 @@ def test_bad_tensors_are_refused():
         quantize(torch.ones(2, 0, 4), scheme)
     with pytest.raises(ValueError, match="QuantScheme"):
         quantize(torch.ones(2, 3, 4), "int8")
+
+
+# -- every block keeps its own step, however small its values --------------------------------
+
+INT_SCHEMES = [QuantScheme(fmt, "token", 32, sym, sd) for fmt in ("int8", "int4")
+               for sym in (True, False) for sd in SCALE_DTYPES]
+
+
+@pytest.mark.parametrize("scheme", INT_SCHEMES, ids=lambda s: f"{s.name} {s.scale_dtype}")
+@pytest.mark.parametrize("magnitude", [1.0, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-8])
+def test_small_blocks_keep_the_bound_of_their_own_step(scheme, magnitude):
+    """|error| <= step / 2, step = the block's own range / the largest code, rounded up to the
+    scale dtype: relative 2^-10 in fp16, plus at most half its smallest subnormal (2^-25).
+    (Asymmetric: the range from the stored zero point, the block's minimum rounded down.)
+    Scales clamped to fp16's smallest *normal* (6.1e-5) broke this below ~8e-3 (int8)."""
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 40, 64, generator=gen) * magnitude  # (Hkv, S, D)
+    xb = blocked(x, scheme)  # (Hkv, S, nG, g)
+    top = code_range(scheme)[1]
+    qt = quantize(x, scheme)
+    span = (xb.abs().amax(-1, keepdim=True) if scheme.symmetric
+            else xb.amax(-1, keepdim=True) - qt.zero.float())
+    fp16 = scheme.scale_dtype == torch.float16
+    relative = 2.0 ** -10 if fp16 else 2.0 ** -23
+    absolute = 2.0 ** -25 if fp16 else 2.0 ** -150
+    bound = span / top / 2 * (1 + relative) + absolute + 1e-6 * span / top  # float32 slack
+    err = (blocked(dequantize(qt), scheme) - xb).abs()
+    assert bool((err <= bound).all()), float((err / (span / top / 2)).max())
+
+
+def test_a_block_of_1e_3_gets_its_own_int8_step():
+    x = torch.full((1, 1, 32), 1e-3)
+    x[..., ::2] = -0.37e-3  # (Hkv, S, D)
+    qt = quantize(x, QuantScheme("int8", "token"))
+    step = 1e-3 / 127
+    assert step <= qt.scale.float().item() < step * 1.01  # not 6.1e-5, 7.7x coarser
+    assert float((dequantize(qt) - x).abs().max()) <= step / 2 * 1.01
+
+
+@pytest.mark.parametrize(("x", "message"), [
+    (torch.tensor([[[1.0, float("nan")]]]), "NaN or infinite"),
+    (torch.tensor([[[1.0, float("inf")]]]), "NaN or infinite"),
+    (torch.tensor([[[1.0, 1e7]]]), "too large.*scale_dtype=torch.float32"),
+    (torch.tensor([[[-1e7, 1.0]]]), "too large"),
+])
+def test_values_without_a_finite_fp16_scale_are_refused(x, message):
+    for scheme in (QuantScheme("int8", "token"), QuantScheme("int4", "token", symmetric=False)):
+        with pytest.raises(ValueError, match=message):
+            quantize(x, scheme)
+
+
+def test_float32_scales_hold_what_fp16_cannot():
+    x = torch.tensor([[[1.0, 1e7]]])
+    back = dequantize(quantize(x, QuantScheme("int8", "token", scale_dtype=torch.float32)))
+    assert torch.allclose(back, x, rtol=1e-2, atol=1e7 / 254)
+
+
+# -- max_code: vLLM's calibration headroom ----------------------------------------------------
+
+def test_max_code_maps_the_largest_value_below_the_top_code():
+    x = torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(0))  # (Hkv, S, D)
+    amax = float(x.abs().max())
+    for scheme, code in ((VLLM_FP8, 448.0), (VLLM_FP8_KEYS, 200.0), (VLLM_FP8_VALUES, 100.0)):
+        scale = quantize(x, scheme).scale.float().item()
+        assert scale == pytest.approx(amax / code, rel=1e-6), scheme.name
+    assert VLLM_FP8_KEYS.name == "fp8_e4m3 per-tensor max 200"
+
+
+def test_headroom_keeps_later_larger_values_from_clipping():
+    """A scale computed once (on `first`) and kept: values twice as large later clip without
+    headroom (448 is the top code) and fit with vLLM's (keys map to 200 of 448)."""
+    gen = torch.Generator().manual_seed(0)
+    first = torch.randn(1, 32, 64, generator=gen)  # (Hkv, S, D)
+    later = 2 * first
+    errors = {}
+    for scheme in (VLLM_FP8, VLLM_FP8_KEYS):
+        scale, zero = compute_params(first, scheme)
+        back = decode(encode(later, scale, zero, scheme), scale, zero, scheme)
+        errors[scheme.max_code] = float((back - later).norm() / later.norm())
+    assert errors[200.0] < 0.05 < errors[None], errors
+
+
+def test_the_calibration_experiment_shows_the_headroom():
+    from kvlib.cache.quant_memory import KVQuantConfig
+    from kvlib.experiments.quantization import calibration_errors
+
+    gen = torch.Generator().manual_seed(0)
+    first = torch.randn(1, 32, 128, generator=gen)  # (Hkv, T, D)
+    first[..., :4] *= 10
+    later = torch.randn(1, 32, 128, generator=gen)
+    later[..., :4] *= 20  # outliers twice as strong as the first write's
+    kvlib_way = KVQuantConfig(keys=VLLM_FP8, values=VLLM_FP8)
+    vllm_way = KVQuantConfig(keys=VLLM_FP8_KEYS, values=VLLM_FP8_VALUES)
+    (first_a, later_a), (first_b, later_b) = (calibration_errors(q, first, later)
+                                              for q in (kvlib_way, vllm_way))
+    assert max(first_a, first_b) < 0.05  # the first write itself is fine either way
+    assert later_b < 0.05 < later_a  # clipped without headroom, kept with it

@@ -30,11 +30,11 @@ from kvlib.experiments.quantization import (
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 D, HKV, LAYERS = 12, 2, 2
-QUANTS = {name: KVQuantConfig(q.keys, q.values, min(q.window, 5), name)
+QUANTS = {name: KVQuantConfig(q.keys, q.values, min(q.residual, 5), name)
           for name, q in PRESETS.items()}
 QUANTS["channel-g4-int8-token-g5"] = KVQuantConfig(
     QuantScheme("int4", "channel", 4, symmetric=False), QuantScheme("int8", "token", 5), 0)
-QUANTS["kivi-style-g4-window-6"] = KVQuantConfig(  # groups complete inside and past the window
+QUANTS["kivi-style-g4-residual-6"] = KVQuantConfig(  # groups leave the residual mid-step
     QuantScheme("int4", "channel", 4, symmetric=False),
     QuantScheme("int4", "token", 8, symmetric=False), 6)
 QUANTS["head-int8-tensor-int4-asym"] = KVQuantConfig(
@@ -54,22 +54,29 @@ def make(quant, batch=3, max_seq_len=40, inner="flat"):
 
 def expected(x, scheme, quant, calib):
     """What the cache should return for one sequence's keys or values x (Hkv, n, D), read
-    with `read_all`'s zero probe token after them (it may complete a group of tokens)."""
+    with `read_all`'s zero probe token after them (it may push a group out of the residual):
+    the tokens that left the residual through their codes, the rest exactly."""
     x = torch.cat([x, torch.zeros_like(x[:, :1])], dim=1)  # (Hkv, n + 1, D)
-    n = x.shape[1]
+    lo = quant.quantized_len(x.shape[1])
+    out = x.clone()
     if scheme.granularity in ("tensor", "head"):
-        scale, zero = compute_params(calib, scheme)  # calibrated on the first write
+        scale, zero = compute_params(calib, scheme)  # calibrated on the first codes
         out = decode(encode(x, scale, zero, scheme), scale, zero, scheme)
-    elif scheme.granularity == "channel":
-        full = n - n % scheme.group_size
-        out = x.clone()
-        if full:
-            out[:, :full] = fake_quantize(x[:, :full], scheme)
-    else:
-        out = fake_quantize(x, scheme)
-    lo = quant.first_tail_position(n)
-    out[:, lo:] = x[:, lo:]  # the full-precision tail
+    elif lo:
+        out[:, :lo] = fake_quantize(x[:, :lo], scheme)  # whole groups of tokens, or per token
+    out[:, lo:] = x[:, lo:]  # the residual, in full precision
     return out[:, :-1]
+
+
+def first_codes(quant, steps):
+    """Positions (lo, hi) of the first tokens to leave the residual, step by step."""
+    n = 0
+    for T in (*steps, 1):  # read_all's probe token last
+        lo, hi = quant.quantized_len(n), quant.quantized_len(n + T)
+        if hi > lo:
+            return lo, hi
+        n += T
+    return 0, 0
 
 
 def fill(cache, steps=STEPS, seed=0):
@@ -108,19 +115,19 @@ def test_read_is_the_round_trip_with_an_exact_tail(name, inner):
     quant = QUANTS[name]
     cache = make(quant, inner=inner)
     k, v = fill(cache)
-    first = STEPS[0]
+    lo, hi = first_codes(quant, STEPS)  # a per-layer scale is calibrated on these
     for layer in range(LAYERS):
         got_k, got_v = read_all(cache, [0, 1, 2], layer)
         for b in range(3):
             for got, x, scheme in ((got_k, k, quant.keys), (got_v, v, quant.values)):
-                calib = x[layer, :, :, :first].transpose(0, 1).reshape(HKV, -1, D)
+                calib = x[layer, :, :, lo:hi].transpose(0, 1).reshape(HKV, -1, D)
                 want = expected(x[layer, b], scheme, quant, calib)
                 torch.testing.assert_close(got[b], want, atol=1e-6, rtol=1e-6)
 
 
 @given(st.lists(st.integers(1, 7), min_size=1, max_size=8), st.sampled_from(list(INNERS)))
 def test_any_sequence_of_step_sizes_reads_back_the_reference(steps, inner):
-    quant = QUANTS["kivi-style-g4-window-6"]
+    quant = QUANTS["kivi-style-g4-residual-6"]
     cache = make(quant, max_seq_len=64, inner=inner)
     k, v = fill(cache, steps, seed=len(steps))
     got_k, got_v = read_all(cache, [0, 1, 2], 1)
@@ -188,11 +195,11 @@ def test_fork_copies_and_release_forgets(inner):
 
 def test_bad_configurations_are_refused():
     with pytest.raises(ValueError, match="larger than the cache"):
-        make(KVQuantConfig(QuantScheme(), QuantScheme(), window=41))
+        make(KVQuantConfig(QuantScheme(), QuantScheme(), residual=41))
     with pytest.raises(ValueError, match="group of tokens"):
         KVQuantConfig(QuantScheme("int4", "channel"), QuantScheme())
-    with pytest.raises(ValueError, match="window"):
-        KVQuantConfig(QuantScheme(), QuantScheme(), window=-1)
+    with pytest.raises(ValueError, match="residual"):
+        KVQuantConfig(QuantScheme(), QuantScheme(), residual=-1)
     with pytest.raises(ValueError, match="format"):
         KVQuantConfig(QuantScheme("int2"), QuantScheme())
     with pytest.raises(ValueError, match="group_size"):
@@ -226,7 +233,7 @@ def test_stored_bytes_match_the_accounting():
     m = cache.memory(10)
     per_token_rows = 2 * LAYERS * HKV * inner.config.head_dim  # K and V rows, in bytes
     assert m.payload + m.scales + m.zeros + m.padding == 10 * per_token_rows
-    assert m.window == 0
+    assert m.residual == 0
 
 
 def test_ratios_against_fp16_are_not_the_naive_ones():
@@ -236,7 +243,7 @@ def test_ratios_against_fp16_are_not_the_naive_ones():
     assert round(q4.ratio_vs_fp16, 3) == round(16 / 4.5, 3) and q4.naive_ratio == 4
     assert round(q8.ratio_vs_fp16, 3) == round(16 / 8.5, 3) and q8.naive_ratio == 2
     kivi = memory(PRESETS["kivi-int4"], **llama)
-    assert kivi.window == 2 * 32 * 8 * 128 * 128 * 2  # 128 tokens of fp16 K and V
+    assert kivi.residual == 2 * 32 * 8 * 128 * 128 * 2  # 128 tokens of fp16 K and V
     assert kivi.ratio_vs_fp16 < q4.ratio_vs_fp16
 
 
@@ -270,7 +277,7 @@ def test_read_before_write_and_a_second_write_of_a_layer(inner):
     # Found by the shared contract suite: a step whose new tokens complete a group of tokens
     # must still read the committed tokens before it writes, and writing a layer twice in
     # one step must store the same thing.
-    quant = QUANTS["channel-g4-int8-token-g5"]  # no window: the group leaves the tail
+    quant = QUANTS["channel-g4-int8-token-g5"]  # no residual: a group leaves once complete
     cache, twin = make(quant, inner=inner), make(quant, inner=inner)
     k, v = fill(cache, (3,))
     fill(twin, (3,))

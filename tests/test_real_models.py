@@ -33,10 +33,16 @@ BY_HAND = {
     "qwen2.5-7b": 2 * 28 * 4 * 128 * 2,  # 28 layers, 4 KV heads, 3584 / 28: 57,344
     "gemma-2-9b": 2 * 42 * 8 * 256 * 2,  # 42 layers, 8 KV heads, head_dim 256: 344,064
     "deepseek-v3": 61 * (512 + 64) * 2,  # 61 layers, latent 512 + rope key 64: 70,272
+    "llama-3.1-8b": 2 * 32 * 8 * 128 * 2,  # Llama 3's shapes: 131,072
+    "llama-3.1-70b": 2 * 80 * 8 * 128 * 2,  # 327,680
+    "qwen3-8b": 2 * 36 * 8 * 128 * 2,  # 36 layers, 8 KV heads of 128: 147,456
+    "gemma-3-27b": 2 * 62 * 16 * 128 * 2,  # 62 layers, 16 KV heads of 128: 507,904
+    "llama-4-scout": 2 * 48 * 8 * 128 * 2,  # 48 layers, 8 KV heads of 128: 196,608
+    "gpt-oss-120b": 2 * 36 * 8 * 64 * 2,  # 36 layers, 8 KV heads of 64: 73,728
 }
 
 
-def test_the_nine_models():
+def test_the_models():
     assert list(REAL_MODELS) == list(BY_HAND)
 
 
@@ -71,6 +77,13 @@ def test_sliding_windows_cap_the_cache():
     # 21 global layers keep 8,192 tokens, 21 windowed layers keep 4,096.
     assert cache_bytes(gemma, 8192, batch_size=3) == 3 * per_layer * (21 * 8192 + 21 * 4096)
     assert cache_bytes(gemma, 1000) == 1000 * BY_HAND["gemma-2-9b"]  # window not reached
+    # Gemma 3: 52 local layers keep 1,024 tokens, 10 global ones all of them.
+    g3 = REAL_MODELS["gemma-3-27b"]
+    assert cache_bytes(g3, 32768) == 2 * 16 * 128 * 2 * (52 * 1024 + 10 * 32768)
+    # gpt-oss: 18 layers keep 128 tokens, 18 all; Llama 4's chunked layers at most 8,192.
+    oss, scout = REAL_MODELS["gpt-oss-120b"], REAL_MODELS["llama-4-scout"]
+    assert cache_bytes(oss, 131072) == 2 * 8 * 64 * 2 * (18 * 128 + 18 * 131072)
+    assert cache_bytes(scout, 10**6) == 2 * 8 * 128 * 2 * (36 * 8192 + 12 * 10**6)
 
 
 def test_tensor_parallel_share_per_gpu():
@@ -175,11 +188,29 @@ def test_gpu_memory_notes_say_what_analysis_says(ax):
     assert sorted(labels) == ["80 GB GPU", "cache of 16 sequence(s)", "weights"]
 
 
+def real_models_max(name: str) -> int:
+    return REAL_MODELS[name].max_seq_len
+
+
+def test_gpu_memory_html_rows_are_the_drawings():
+    from kvlib.viz import models as mviz
+
+    text = mviz.gpu_memory_html(REAL_MODELS, 4096, 16, "bf16", 80, tp=8)
+    for row in mviz.gpu_memory_rows(REAL_MODELS, 4096, 16, "bf16", 80, 8):
+        assert f"<td>{row.note}</td>" in text
+    assert "overflow-x: auto" in text  # scrolls inside itself on a phone, not the page
+    assert len(text) < 12_000  # a few kB per state
+
+
 def test_gpu_memory_widget_states():
     from kvlib.widgets import models as mwidgets
 
     states = math.prod(len(v) for v in mwidgets.GRID.values())
-    assert states <= 40 and set(mwidgets.GRID) == {"context", "batch", "dtype", "gpu_gb", "tp"}
+    assert states <= 64 and set(mwidgets.GRID) == {"context", "batch", "dtype", "gpu_gb", "tp"}
+    # Every model of the widget reaches the longest context it offers but two, and those say
+    # so: no setting blanks most of the models.
+    reach = [real_models_max(n) >= max(mwidgets.GRID["context"]) for n in mwidgets.WIDGET_MODELS]
+    assert sum(reach) >= len(reach) - 2
     small = {"context": [4096], "batch": [1], "dtype": ["bf16"], "gpu_gb": [80, 141], "tp": [8]}
     box = mwidgets.gpu_memory_widget(grid=small)
 
@@ -190,3 +221,14 @@ def test_gpu_memory_widget_states():
 
     found = labels(box)
     assert len(found) == 2 and "gpu_gb = 80 " in found[0] and "gpu_gb = 141 " in found[1]
+
+
+def test_comparison_markdown_shows_the_tables_numbers():
+    from kvlib.viz import models as mviz
+
+    text_rows = mviz.comparison_table(REAL_MODELS, [4096, 131072]).splitlines()[1:]
+    md_rows = mviz.comparison_markdown(REAL_MODELS, [4096, 131072]).splitlines()[2:]
+    assert len(md_rows) == len(text_rows) == len(REAL_MODELS)
+    for text, md in zip(text_rows, md_rows):
+        cells = [c.strip() for c in md.strip("|").split("|")]
+        assert cells[0] == text.split()[0] and cells[-2:] == text.split()[-2:]

@@ -225,7 +225,7 @@ def test_forked_windowed_sequences_share_then_free():
 
 
 def test_window_must_be_positive():
-    with pytest.raises(ValueError, match="layer_windows entry must be a positive int"):
+    with pytest.raises(ValueError, match="layer_windows entry must be an int >= 1"):
         CacheConfig(num_layers=1, num_kv_heads=1, head_dim=2, max_batch_size=1,
                     max_seq_len=8, block_size=4, layer_windows=(0,))
 

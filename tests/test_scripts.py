@@ -58,6 +58,22 @@ def test_engine_bench_ends_with_json_throughputs():
     assert last["device"].startswith("cpu")
 
 
+def test_gpu_engine_bench_runs_on_the_cpu_with_a_tiny_model():
+    pytest.importorskip("transformers")
+    out = _run("bench/gpu_engine.py", "--quick")
+    last = json.loads(out.strip().splitlines()[-1])
+    for name in ("engine", "static", "transformers", "transformers_cb"):
+        assert last[f"{name}_tok_s"] > 0
+    assert set(last["step_over_floor"]) == {"1", "4"}
+    for b in ("1", "4"):
+        ratio = last["step_ms"][b] / last["floor_ms"][b]
+        assert abs(ratio - last["step_over_floor"][b]) <= 0.01 * ratio + 0.01
+    # fp32 on the CPU: every schedule's greedy outputs equal the engine's
+    assert all(n == last["requests"] for n in last["greedy_equal_to_engine"].values())
+    assert last["syncs_per_decode_step"] is None  # counted on a GPU only
+    assert last["device"].startswith("cpu")
+
+
 def test_paged_decode_bench_ends_with_json_ratios():
     out = _run("bench/paged_decode.py", "--quick")
     last = json.loads(out.strip().splitlines()[-1])
@@ -80,3 +96,18 @@ def test_flash_bench_ends_with_json_peak_bytes_and_times():
     assert last["peak_bytes_naive"][-1] >= 4 * 256 * 256 * 4
     assert last["peak_bytes_chunked"][-1] < last["peak_bytes_naive"][-1] / 4
     assert last["device"].startswith("cpu")
+
+
+def test_bf16_divergence_bench_ends_with_json_per_dtype():
+    out = _run("bench/bf16_divergence.py", "--device", "cpu", "--prompts", "2",
+               "--prompt-len", "4", "--new-tokens", "4")
+    last = json.loads(out.strip().splitlines()[-1])
+    for dtype in ("bfloat16", "float32"):
+        assert last[dtype]["max_logit_gap"] >= 0 and len(last[dtype]["diverged_at"]) == 2
+    assert last["float32"]["max_logit_gap"] < 1e-4
+    assert last["device"].startswith("cpu")
+
+
+def test_recorded_bf16_divergence_matches_the_script_format():
+    recorded = json.loads((ROOT / "bench/results/bf16_divergence_nvidia-h200.json").read_text())
+    assert {"device", "prompts", "new_tokens", "bfloat16", "float32"} <= set(recorded)

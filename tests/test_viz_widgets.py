@@ -58,7 +58,7 @@ def test_draw_attention_work_counts_the_computed_scores(ax, cached):
     viz.draw_attention_work(ax, 5, cached=cached)
     n = 6  # 5 cached tokens + the new one
     expected = n if cached else n * (n + 1) // 2
-    assert f"{expected} scores computed" in ax.get_title()
+    assert f"{expected} scores" in ax.get_title()
     image = ax.get_images()[0].get_array()
     assert image.shape == (n, n) and int((np.asarray(image) == 2).sum()) == expected
 
@@ -93,14 +93,14 @@ def test_plot_cache_sizes_one_line_per_model_in_gib(ax):
 
 
 def test_plot_cache_vs_weights_adds_weights_and_marks_identical_caches(ax):
-    presets = {k: analysis.PRESETS[k] for k in ("llama-3-8b", "llama-3-70b", "mistral-7b")}
+    presets = {k: analysis.PRESETS[k] for k in ("llama-3-8b", "llama-3-70b", "mistral-7b-v0.2")}
     viz.plot_cache_vs_weights(ax, presets, [512, 4096])
     caches, weights = ax.lines[:3], ax.lines[3:]
     assert len(weights) == 3
     for line, cfg, cache_line in zip(weights, presets.values(), caches):
         assert line.get_ydata()[0] == pytest.approx(analysis.weight_bytes(cfg) / 2**30)
         assert line.get_color() == cache_line.get_color()
-    # llama-3-8b and mistral-7b have the same KV shape: the first is drawn as a wide halo.
+    # llama-3-8b and mistral-7b-v0.2 have the same KV shape: the first is drawn as a wide halo.
     assert [line.get_linewidth() for line in caches] == [5, caches[1].get_linewidth(),
                                                          caches[2].get_linewidth()]
     assert caches[1].get_linewidth() < 5 and caches[2].get_linewidth() < 5
@@ -144,7 +144,7 @@ def test_draw_layout_outlines_the_highlighted_heads_keys(ax, layout):
     assert len(cells) == 3 * 2 * 2 and len(ax.texts) == len(cells)
     order = viz.layout_order(layout, 3, 2)
     expected = [i for i, (kv, h, _) in enumerate(order) if kv == "K" and h == 1]
-    assert sorted(round(p.get_x()) for p in outlines) == expected
+    assert sorted(round(p.get_x()) for p in outlines) == expected  # one row: 12 < 16 cells
     assert isinstance(outlines[0], Rectangle)
     assert layout.value in ax.get_title() and "head 1" in ax.get_title()
     contiguous = expected == list(range(expected[0], expected[0] + len(expected)))
@@ -155,7 +155,7 @@ def test_draw_cache_fill_bars(ax):
     viz.draw_cache_fill(ax, prompt_len=8, cached_len=20, max_seq_len=64, label="slot 0")
     bars = [(p.get_x(), p.get_width()) for p in ax.patches]
     assert bars == [(0, 64), (0, 8), (8, 12)]  # reserved, prompt, generated
-    assert "20 of 64 token slots in use (31%)" in ax.get_xlabel()
+    assert "20 of 64 in use: 31%" in ax.get_xlabel()
     assert [t.get_text() for t in ax.get_yticklabels()] == ["slot 0"]
 
 
@@ -218,8 +218,9 @@ def test_step_cost_widget_grid():
     w = widgets.step_cost_widget(context_lens=(16, 4096))
     controls = _controls(w)
     assert isinstance(controls["model"], W.Dropdown)
-    assert _options(controls["model"]) == list(analysis.PRESETS)
-    assert controls["model"].index == list(analysis.PRESETS).index("llama-3-8b")
+    models = list(dwidgets.STEP_COST_MODELS)
+    assert _options(controls["model"]) == models and set(models) <= set(analysis.PRESETS)
+    assert controls["model"].index == models.index("llama-3-8b")
     assert _options(controls["S"]) == ["16", "4,096"] and controls["S"].index == 1
     assert "<b>model = gpt2 · S = 16</b>" in _state_html(w, model="gpt2", S="16")
 
@@ -240,11 +241,12 @@ def test_cache_calculator_grid():
     controls = _controls(w)
     assert set(controls) == {"model", "context", "batch"}
     assert isinstance(controls["model"], W.Dropdown)
-    html = _state_html(w, model="llama-3-70b", context="8,192", batch="64")
-    assert "model = llama-3-70b · context = 8,192 · batch = 64" in html
+    html = _state_html(w, model="llama-3.1-70b", context="8,192", batch="64")
+    assert "model = llama-3.1-70b · context = 8,192 · batch = 64" in html
     assert re.findall(r"<td[^>]*>([^<]*)</td>", html)[4] == "160.0 GiB"  # bf16
+    # HTML states of about 1.5 kB each: a hundred weigh less than one figure.
     assert len(_options(controls["model"])) * len(_options(controls["context"])) * len(
-        _options(controls["batch"])) <= 60
+        _options(controls["batch"])) <= 100
 
 
 def test_layout_state_prints_a_real_caches_strides():
@@ -255,14 +257,22 @@ def test_layout_state_prints_a_real_caches_strides():
     assert "strides = (96, 32, 8, 1), contiguous: True" in text
 
 
-def test_layout_state_says_when_the_head_does_not_exist(monkeypatch):
-    titles = []
-    monkeypatch.setattr(lwidgets, "figure_html", lambda fig: titles.append(
-        fig.axes[0].get_title()) or "")
-    lwidgets.layout_state(Layout.HEAD_MAJOR, 2, 3)
-    lwidgets.layout_state(Layout.HEAD_MAJOR, 2, 1)
-    assert titles == ["head_major: no head 3 with 2 KV heads, nothing outlined",
-                      "head_major: keys of head 1 outlined"]
+def test_draw_layout_wraps_long_strips_into_rows(ax):
+    viz.draw_layout(ax, Layout.HEAD_MAJOR, num_tokens=4, num_kv_heads=4, per_row=16)
+    cells = [p for p in ax.patches if p.get_fill()]
+    assert len(cells) == 32 and {round(p.get_y()) for p in cells} == {0, 1}
+    first = [p for p in cells if round(p.get_x()) == 0]  # address 0 on top, 16 below it
+    assert sorted(round(p.get_y()) for p in first) == [0, 1]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["+16", "+0"]
+
+
+def test_layout_states_keep_their_size(monkeypatch):
+    sizes = []
+    monkeypatch.setattr(lwidgets, "figure_html", lambda fig: sizes.append(
+        (tuple(fig.get_size_inches()), fig.axes[0].get_xlim(), fig.axes[0].get_ylim())) or "")
+    for kv_heads in (1, 2, 4):
+        lwidgets.layout_state(Layout.HEAD_MAJOR, kv_heads)
+    assert len(set(sizes)) == 1
 
 
 def test_layout_widget_grid():
@@ -271,8 +281,9 @@ def test_layout_widget_grid():
     assert isinstance(controls["layout"], W.ToggleButtons)
     assert _options(controls["layout"]) == [x.value for x in Layout]
     assert _options(controls["kv_heads"]) == ["1", "2", "4"] and controls["kv_heads"].index == 1
-    html = _state_html(w, layout="head_major", kv_heads="4", head="2")
-    assert "layout = head_major · kv_heads = 4 · head = 2" in html
+    assert set(controls) == {"layout", "kv_heads"}  # a head that does not exist: no state
+    html = _state_html(w, layout="head_major", kv_heads="4")
+    assert "layout = head_major · kv_heads = 4" in html
     assert "strides = (128, 32, 8, 1)" in html
 
 
@@ -288,3 +299,11 @@ def test_cache_fill_widget_counts_a_real_generations_cache(monkeypatch):
     assert "<b>generated = 5</b>" in _state_html(w, generated="5")
     with pytest.raises(ValueError, match="do not fit"):
         widgets.cache_fill_widget(model, prompt, max_seq_len=32, new_tokens=(28,))
+
+
+def test_cache_table_markdown_shows_the_text_tables_numbers():
+    text = viz.cache_table(analysis.PRESETS).splitlines()[2:]
+    from kvlib.viz import layouts as lviz
+
+    md = lviz.cache_table_markdown(analysis.PRESETS).splitlines()[2:]
+    assert [r.strip("| ").split(" | ") for r in md] == [r.split() for r in text]

@@ -32,7 +32,8 @@ Invariants, checked by `check_invariants` (and in the tests after every operatio
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+import struct
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from kvlib.checks import require_int
@@ -47,8 +48,10 @@ def hash_block_tokens(parent_hash: int | None, token_ids: Sequence[int]) -> int:
     >>> first == hash_block_tokens(None, [1, 2]), first == hash_block_tokens(7, [1, 2])
     (True, False)
     """
-    text = f"{parent_hash}:{','.join(str(int(t)) for t in token_ids)}"
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
+    # NOTE: bytes, not text: a long prompt's blocks are hashed at every admission and commit
+    head = b"-" if parent_hash is None else b"+" + parent_hash.to_bytes(8, "little")
+    body = struct.pack(f"<{len(token_ids)}q", *map(int, token_ids))
+    return int.from_bytes(hashlib.sha256(head + body).digest()[:8], "little")
 
 
 @dataclass(eq=False)
@@ -110,6 +113,9 @@ class BlockAllocator:
         self.blocks = [KVCacheBlock(i) for i in range(num_blocks)]
         self._free = FreeBlockQueue(self.blocks)
         self._cached: dict[int, KVCacheBlock] = {}  # block_hash -> the block holding it
+        # Told (block_id, block_hash) just before a cached block is evicted, while its data is
+        # still in the pool: a host tier keeps a copy there (kvlib.cache.offload).
+        self.on_evict: Callable[[int, int], None] | None = None
 
     @property
     def num_free_blocks(self) -> int:
@@ -135,6 +141,8 @@ class BlockAllocator:
         for _ in range(num_blocks):
             block = self._free.popleft()
             if block.block_hash is not None:  # evict: its old contents are about to go
+                if self.on_evict is not None:
+                    self.on_evict(block.block_id, block.block_hash)
                 del self._cached[block.block_hash]
                 block.block_hash = None
             block.ref_count = 1

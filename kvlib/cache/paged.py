@@ -48,7 +48,7 @@ import torch
 from kvlib.cache.block_manager import BlockManager, SequenceBlocks
 from kvlib.cache.groups import cache_groups
 from kvlib.cache.step_builder import StepBuilder, StepTables
-from kvlib.cache.storage import PagedStorage
+from kvlib.cache.storage import BlockData, PagedStorage
 from kvlib.checks import require_ids, require_int
 from kvlib.config import CacheConfig
 from kvlib.contract import PagedKV, StepBatch, StepLedger, check_query_lens
@@ -201,7 +201,8 @@ class PagedKVCache:
         g = self.storage.group_of(layer)
         group, tables = self.groups[g], self._open.tables
         return PagedKV(self.k_pool(layer), self.v_pool(layer), tables.block_tables[g],
-                       tables.context_lens, group.window, group.sink_tokens)
+                       tables.context_lens, group.window, group.sink_tokens,
+                       *self.storage.scale_pools(layer))
 
     def commit(self, batch: StepBatch) -> None:
         self._ledger.close(batch, complete=True)
@@ -229,9 +230,10 @@ class PagedKVCache:
         self.manager.release(seq_ids)
 
     # -- moving a sequence out and in ----------------------------------------------------------
-    def export_sequence(self, seq_id: int) -> tuple[SequenceBlocks, list[torch.Tensor]]:
+    def export_sequence(self, seq_id: int) -> tuple[SequenceBlocks, list[BlockData]]:
         """A sequence's blocks and, per group, a copy of their data (L_g, 2, n, Hkv, BS, D)
-        (freed window blocks left out): everything `import_sequence` needs elsewhere."""
+        (freed window blocks left out; with codes, a (codes, scales) pair): everything
+        `import_sequence` needs elsewhere."""
         self._ledger.require_idle("export")
         blocks = self.manager.export(seq_id)
         data = [self.storage.read_blocks(g, [b for b in ids if b is not None])
@@ -239,7 +241,7 @@ class PagedKVCache:
         return blocks, data
 
     def import_sequence(self, seq_id: int, blocks: SequenceBlocks,
-                        data: Sequence[torch.Tensor]) -> None:
+                        data: Sequence[BlockData]) -> None:
         """Hold an exported sequence as `seq_id`, in fresh blocks of this cache. Raises
         ValueError, changing nothing, when it does not fit or does not match."""
         self._ledger.require_idle("import")
@@ -247,13 +249,7 @@ class PagedKVCache:
         if len(data) != len(self.groups):
             raise ValueError(f"{len(data)} block tensors for {len(self.groups)} cache groups")
         for g, (ids, d) in enumerate(zip(blocks.block_ids, data)):
-            pool = self.storage.pools[g]
-            expected = (*pool.shape[:2], sum(b is not None for b in ids), *pool.shape[3:])
-            if not isinstance(d, torch.Tensor) or tuple(d.shape) != expected or (
-                    d.dtype != pool.dtype):
-                raise ValueError(f"group {g}: blocks must be {pool.dtype} {expected} (L_g, 2, "
-                                 f"n, Hkv, BS, D), got {getattr(d, 'dtype', type(d).__name__)} "
-                                 f"{tuple(getattr(d, 'shape', ()))}")
+            self.storage.check_blocks(g, sum(b is not None for b in ids), d)
         new_ids = self.manager.import_sequence(seq_id, blocks)  # raises, changing nothing
         for g, (ids, d) in enumerate(zip(new_ids, data)):
             self.storage.write_blocks(g, [b for b in ids if b is not None], d)

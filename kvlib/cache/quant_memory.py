@@ -6,8 +6,11 @@ KV head and layer, for each of K and V:
 
     row bytes = codes + scales + zero points  (+ padding when K and V rows differ)
 
-plus, per sequence, a tail of max(window, G - 1) tokens in full precision. For llama.cpp's
-q4_0 at head dim 128: codes 64 B, four fp16 scales 8 B: 72 B against fp16's 256 B, 3.56x.
+plus, per sequence, its most recent tokens in full precision (the *residual*: transformers'
+`residual_length`, KIVI's R), each stored once: a token is quantized when it leaves the
+residual (in whole groups of G tokens when scales are shared over tokens), and only then. For
+llama.cpp's q4_0 at head dim 128: codes 64 B, four fp16 scales 8 B: 72 B against fp16's
+256 B, 3.56x.
 
 >>> lay = row_layout(LLAMA_CPP_Q4_0, 128)
 >>> lay.payload, lay.num_scales, lay.row_bytes
@@ -37,11 +40,12 @@ from kvlib.cache.quantize import (
 
 @dataclass(frozen=True)
 class KVQuantConfig:
-    """Schemes for keys and values, and how many recent tokens stay in full precision."""
+    """Schemes for keys and values, and how many recent tokens stay in full precision
+    (`residual`: not to be confused with a layer's sliding window, which hides keys)."""
 
     keys: QuantScheme
     values: QuantScheme
-    window: int = 0
+    residual: int = 0
     name: str = "custom"
 
     def __post_init__(self) -> None:
@@ -58,9 +62,9 @@ class KVQuantConfig:
         if len(groups) > 1:
             raise ValueError(f"keys and values grouped over tokens must use one group size, "
                              f"got {sorted(groups)}")
-        w = self.window
-        if not isinstance(w, int) or isinstance(w, bool) or w < 0:
-            raise ValueError(f"KVQuantConfig.window must be an int >= 0, got {w!r}")
+        r = self.residual
+        if not isinstance(r, int) or isinstance(r, bool) or r < 0:
+            raise ValueError(f"KVQuantConfig.residual must be an int >= 0, got {r!r}")
 
     @property
     def token_group(self) -> int:
@@ -70,19 +74,20 @@ class KVQuantConfig:
 
     @property
     def tail_len(self) -> int:
-        """C: recent tokens each sequence keeps in full precision."""
-        return max(self.window, self.token_group - 1)
+        """C: the most recent tokens a sequence can hold in full precision (the residual, and
+        a group not yet complete)."""
+        return self.residual + self.token_group - 1
 
-    def first_tail_position(self, length: int) -> int:
-        """The first of a sequence's positions read in full precision: the window, and the
-        tokens of a group that is not complete yet.
+    def quantized_len(self, length: int) -> int:
+        """Of a sequence of `length` tokens, how many are stored as codes: every token that
+        has left the residual, in whole groups of G. The rest are kept in full precision.
 
-        >>> kivi = PRESETS["kivi-int4"]               # window 128, groups of 32 tokens
-        >>> kivi.first_tail_position(300), kivi.first_tail_position(100)
-        (172, 0)
+        >>> kivi = PRESETS["kivi-int4"]               # residual 128, groups of 32 tokens
+        >>> kivi.quantized_len(300), kivi.quantized_len(100)   # (300 - 128) // 32 * 32
+        (160, 0)
         """
         G = self.token_group
-        return min(length - length % G, max(0, length - self.window))
+        return max(0, length - self.residual) // G * G
 
 
 @dataclass(frozen=True)
@@ -132,13 +137,13 @@ class Memory:
     scales: int  # in rows, plus the per-layer static scales
     zeros: int
     padding: int  # when K and V rows differ in width, the narrower is padded
-    window: int  # the full-precision tail
+    residual: int  # the recent tokens kept in full precision
     fp16: int  # the same tokens in an fp16 cache
     bits: int
 
     @property
     def total(self) -> int:
-        return self.payload + self.scales + self.zeros + self.padding + self.window
+        return self.payload + self.scales + self.zeros + self.padding + self.residual
 
     @property
     def bytes_per_token(self) -> float:
@@ -155,11 +160,13 @@ class Memory:
 
 
 def memory(quant: KVQuantConfig, num_layers: int, num_kv_heads: int, head_dim: int,
-           num_tokens: int, window_dtype: torch.dtype = torch.float16) -> Memory:
-    """The byte accounting of `QuantizedKVCache` for one sequence, without building one."""
+           num_tokens: int, residual_dtype: torch.dtype = torch.float16) -> Memory:
+    """The byte accounting of `QuantizedKVCache` for one sequence, without building one:
+    codes for the tokens that left the residual, full precision for the others."""
     lays = [row_layout(s, head_dim) for s in (quant.keys, quant.values)]
     width = max(lay.row_bytes for lay in lays)
-    rows = num_layers * num_kv_heads * num_tokens  # rows of K, and as many of V
+    quantized = quant.quantized_len(num_tokens)
+    rows = num_layers * num_kv_heads * quantized  # rows of K, and as many of V
     spans = [[b - a for a, b in lay.param_spans] for lay in lays]
     static = 0
     for s in (quant.keys, quant.values):
@@ -167,23 +174,23 @@ def memory(quant: KVQuantConfig, num_layers: int, num_kv_heads: int, head_dim: i
             n = 1 if s.granularity == "tensor" else num_kv_heads
             per = torch.empty((), dtype=s.scale_dtype).element_size()
             static += num_layers * n * per * (1 if s.symmetric else 2)
-    fp_size = torch.empty((), dtype=window_dtype).element_size()
-    tail = min(num_tokens, quant.tail_len)
+    fp_size = torch.empty((), dtype=residual_dtype).element_size()
+    tail = num_tokens - quantized
     return Memory(
         num_tokens=num_tokens,
         payload=rows * sum(lay.payload for lay in lays),
         scales=rows * sum(sp[0] for sp in spans if sp) + static,
         zeros=rows * sum(sp[1] for sp in spans if len(sp) > 1),
         padding=rows * sum(width - lay.row_bytes for lay in lays),
-        window=2 * num_layers * num_kv_heads * tail * head_dim * fp_size,
-        fp16=2 * rows * head_dim * 2,
+        residual=2 * num_layers * num_kv_heads * tail * head_dim * fp_size,
+        fp16=2 * num_layers * num_kv_heads * num_tokens * head_dim * 2,
         bits=max(quant.keys.bits, quant.values.bits),
     )
 
 
 def _preset(name: str, keys: QuantScheme, values: QuantScheme | None = None,
-            window: int = 0) -> KVQuantConfig:
-    return KVQuantConfig(keys, values or keys, window, name)
+            residual: int = 0) -> KVQuantConfig:
+    return KVQuantConfig(keys, values or keys, residual, name)
 
 
 # The anchors' configurations, and plain ones to compare them with.
@@ -195,6 +202,6 @@ PRESETS: dict[str, KVQuantConfig] = {p.name: p for p in (
     _preset("vllm-fp8", VLLM_FP8),  # e4m3, one fp32 scale per layer for K and for V
     _preset("llama.cpp-q8_0", LLAMA_CPP_Q8_0),
     _preset("llama.cpp-q4_0", LLAMA_CPP_Q4_0),
-    _preset("hf-quanto-int4", HF_QUANTO_INT4, window=128),  # groups of 64, 128 recent tokens
-    _preset("kivi-int4", KIVI_KEYS_INT4, KIVI_VALUES_INT4, window=128),
+    _preset("hf-quanto-int4", HF_QUANTO_INT4, residual=128),  # groups of 64, 128 recent tokens
+    _preset("kivi-int4", KIVI_KEYS_INT4, KIVI_VALUES_INT4, residual=128),
 )}

@@ -18,7 +18,14 @@ Which numbers share one scale is the *granularity*, over a tensor (..., Hkv, S, 
 
 A group size that does not divide its axis leaves the last group shorter. Scales are stored
 in fp16 or fp32 and rounded *up* when stored, so no value lands outside the codes' range and
-every integer round trip errs by at most half a step (scale / 2).
+every integer round trip errs by at most half a step (scale / 2). The stored scale is the
+block's own step rounded up to the scale dtype, subnormal numbers included, so the bound holds
+for every block however small its values: in fp16, scale <= step * (1 + 2^-10) + 2^-24.
+
+A scale is computed from a block's largest magnitude. Where it is computed once and kept
+(one scale per tensor, calibrated on the first write, as vLLM's FP8 cache does), `max_code`
+maps that first maximum below the largest code, leaving headroom for larger later values:
+vLLM divides it by 200 for keys and 100 for values (VLLM_FP8_KEYS, VLLM_FP8_VALUES).
 
 Worked example: llama.cpp's q4_0 keeps 32 4-bit codes and one fp16 scale per group: 32 * 4 +
 16 = 144 bits for 32 values, 4.5 bits per value, so it shrinks fp16 by 16 / 4.5 = 3.56x, not 4x.
@@ -38,6 +45,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kvlib.checks import require_number
+
 FORMATS = ("int8", "int4", "fp8_e4m3", "fp8_e5m2")
 GRANULARITIES = ("tensor", "head", "token", "channel")
 SCALE_DTYPES = (torch.float16, torch.float32)
@@ -52,6 +61,12 @@ class QuantScheme:
     `group_size` splits the axis that *shares* a scale: for `token` granularity the channels
     of a token (g channels per scale), for `channel` the tokens of a channel (g tokens per
     scale, KIVI's keys). None means the whole axis; tensor and head take no group size.
+
+    `max_code` (symmetric schemes) is the code a block's largest magnitude maps to: None for
+    the largest code there is (127 for int8, 448 for fp8 e4m3). Smaller leaves headroom for
+    values larger than the ones the scale was computed on, which matters only for a scale
+    kept after it is computed (per tensor or head, calibrated once): vLLM's FP8 cache maps
+    keys to 200 and values to 100, so keys may later grow 448 / 200 = 2.24x before clipping.
     """
 
     format: str = "int8"
@@ -59,6 +74,7 @@ class QuantScheme:
     group_size: int | None = None
     symmetric: bool = True
     scale_dtype: torch.dtype = torch.float16
+    max_code: float | None = None
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -80,6 +96,13 @@ class QuantScheme:
         if self.scale_dtype not in SCALE_DTYPES:
             raise ValueError(f"QuantScheme.scale_dtype must be torch.float16 or torch.float32, "
                              f"got {self.scale_dtype!r}")
+        if self.max_code is not None:
+            if not self.symmetric:
+                raise ValueError("QuantScheme.max_code is for symmetric schemes: an asymmetric "
+                                 "one maps its block's minimum to code 0 and has no headroom")
+            top = (torch.finfo(FP8_DTYPES[self.format]).max if self.is_float
+                   else 2 ** (self.bits - 1) - 1)  # code_range's highest code
+            require_number("QuantScheme.max_code (or None)", self.max_code, above=0, maximum=top)
 
     @property
     def is_float(self) -> bool:
@@ -100,13 +123,18 @@ class QuantScheme:
     def name(self) -> str:
         group = f"/g{self.group_size}" if self.group_size else ""
         sym = "" if self.symmetric else " asym"
-        return f"{self.format} per-{self.granularity}{group}{sym}"
+        top = "" if self.max_code is None else f" max {self.max_code:g}"
+        return f"{self.format} per-{self.granularity}{group}{sym}{top}"
 
 
 # Named configurations of the anchors (README of each project; see chapter 5).
 LLAMA_CPP_Q8_0 = QuantScheme("int8", "token", group_size=32)  # 32 int8 + one fp16 scale
 LLAMA_CPP_Q4_0 = QuantScheme("int4", "token", group_size=32)  # 32 int4 + one fp16 scale
 VLLM_FP8 = QuantScheme("fp8_e4m3", "tensor", scale_dtype=torch.float32)  # one scale a layer
+# vLLM's calculate_kv_scales: scale = first max |x| / K_SCALE_CONSTANT (200) for keys and
+# / V_SCALE_CONSTANT (100) for values, leaving 448/200 and 448/100 of headroom.
+VLLM_FP8_KEYS = QuantScheme("fp8_e4m3", "tensor", scale_dtype=torch.float32, max_code=200.0)
+VLLM_FP8_VALUES = QuantScheme("fp8_e4m3", "tensor", scale_dtype=torch.float32, max_code=100.0)
 HF_QUANTO_INT4 = QuantScheme("int4", "token", group_size=64, symmetric=False)
 KIVI_KEYS_INT4 = QuantScheme("int4", "channel", group_size=32, symmetric=False)
 KIVI_VALUES_INT4 = QuantScheme("int4", "token", group_size=32, symmetric=False)
@@ -181,12 +209,22 @@ def unblocked(xb: torch.Tensor, scheme: QuantScheme, shape: tuple[int, ...]) -> 
 
 
 def _round_up(s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Store s (float32) in dtype, rounded up so that s <= stored; never 0."""
+    """Store s (float32, >= 0) in dtype, rounded up so that s <= stored; never 0.
+
+    NOTE: subnormal scales are kept. Clamping to the dtype's smallest *normal* number (6.1e-5
+    in fp16) would give every int8 block whose values are all below about 8e-3 a step up to
+    that many times coarser than its own; the smallest subnormal (6e-8 in fp16) costs at most
+    that much absolute, about the spacing of fp16 numbers that small themselves.
+
+    >>> _round_up(torch.tensor([1e-3 / 127, 0.0]), torch.float16).tolist()  # 7.87e-6: subnormal
+    [7.927417755126953e-06, 5.960464477539063e-08]
+    """
     stored = s.to(dtype)
     low = stored.float() < s
     stored = torch.where(low, torch.nextafter(stored, stored.new_tensor(math.inf)), stored)
-    tiny = torch.finfo(dtype).tiny
-    return stored.clamp(min=tiny)
+    zero = torch.zeros((), dtype=dtype, device=s.device)
+    smallest = torch.nextafter(zero, zero + 1)  # the smallest positive (subnormal) number
+    return stored.clamp(min=smallest)
 
 
 def _round_down(z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -212,10 +250,26 @@ def compute_params(xb: torch.Tensor, scheme: QuantScheme,
     lo, hi = code_range(scheme)
     if scheme.symmetric:
         amax = x32.abs().amax(dim=dims, keepdim=True)
-        return _round_up(amax / hi, scheme.scale_dtype), None
+        scale = _round_up(amax / (scheme.max_code or hi), scheme.scale_dtype)
+        _check_finite(scale, None, x32, scheme)
+        return scale, None
     zero = _round_down(x32.amin(dim=dims, keepdim=True), scheme.scale_dtype)
     span = x32.amax(dim=dims, keepdim=True) - zero.float()
-    return _round_up(span / hi, scheme.scale_dtype), zero
+    scale = _round_up(span / hi, scheme.scale_dtype)
+    _check_finite(scale, zero, x32, scheme)
+    return scale, zero
+
+
+def _check_finite(scale: torch.Tensor, zero: torch.Tensor | None, x32: torch.Tensor,
+                  scheme: QuantScheme) -> None:
+    """A non-finite scale or zero point would decode every value of its block to NaN."""
+    if bool(torch.isfinite(scale).all()) and (zero is None or bool(torch.isfinite(zero).all())):
+        return
+    if not bool(torch.isfinite(x32).all()):
+        raise ValueError("x holds NaN or infinite values: they have no scale")
+    raise ValueError(f"x holds values up to {float(x32.abs().max()):.3g}, too large for "
+                     f"{scheme.scale_dtype} scales of {scheme.name} (fp16 holds up to 65504): "
+                     f"use scale_dtype=torch.float32")
 
 
 def encode(xb: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,

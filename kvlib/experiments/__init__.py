@@ -83,6 +83,39 @@ def decode_timings(model: TransformerLM, context_lens: Sequence[int], *, batch_s
     return DecodeTimings(cached=cached, uncached=uncached)
 
 
+@dataclass(frozen=True)
+class PathAgreement:
+    """Cached against uncached generation of the same prompts, step by step.
+
+    `max_logit_gap` is the largest |cached - uncached| logit over the steps both runs reached
+    with the same tokens so far (after a different token, the two continue different texts);
+    `diverged_at[i]` is the first step where prompt i's tokens differ, or None.
+    """
+
+    max_logit_gap: float
+    logit_spread: float  # largest logit minus smallest, for scale
+    diverged_at: tuple[int | None, ...]
+
+
+@torch.no_grad()
+def cached_vs_uncached(model: TransformerLM, prompts: torch.Tensor,
+                       new_tokens: int) -> PathAgreement:
+    """Generate greedily from each row of `prompts` (B, P) with and without a cache."""
+    plain = model.generate(prompts, new_tokens)  # (B, N) tokens, (B, N, V) logits
+    cache = model.new_cache(prompts.shape[0], prompts.shape[1] + new_tokens)
+    cached = model.generate(prompts, new_tokens, cache=cache)
+    gap, diverged = 0.0, []
+    for b in range(prompts.shape[0]):
+        differ = (plain.tokens[b] != cached.tokens[b]).nonzero().flatten().tolist()
+        first = differ[0] if differ else None
+        same_prefix = slice(0, new_tokens if first is None else first + 1)  # (steps,)
+        diff = plain.logits[b, same_prefix].float() - cached.logits[b, same_prefix].float()
+        gap = max(gap, float(diff.abs().max()))
+        diverged.append(first)
+    logits = plain.logits.float()
+    return PathAgreement(gap, float(logits.max() - logits.min()), tuple(diverged))
+
+
 def filled_flat_cache(config: CacheConfig, context_lens: Sequence[int],
                       seed: int = 0) -> FlatKVCache:
     """A flat cache whose slot b holds `context_lens[b]` random tokens in every layer."""

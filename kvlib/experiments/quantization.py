@@ -66,6 +66,44 @@ def attention_error(k: torch.Tensor, v: torch.Tensor, q: torch.Tensor,
     return relative_error(approx, exact)
 
 
+def ordinary_channel_errors(schemes: dict[str, QuantScheme], strengths: tuple[float, ...],
+                            num_tokens: int = 256, head_dim: int = 128,
+                            ) -> dict[str, list[float]]:
+    """Relative error on the *ordinary* channels of `outlier_keys` (1 head), per scheme and
+    outlier strength: what a scale set by the outliers does to everything else."""
+    errors: dict[str, list[float]] = {name: [] for name in schemes}
+    for strength in strengths:
+        k, _, _ = outlier_keys(num_tokens, head_dim, 1, strength=float(strength))  # (1, S, D)
+        ordinary = k[0].abs().mean(0) < 3  # (D,): the channels that were not scaled up
+        for name, scheme in schemes.items():
+            errors[name].append(relative_error(fake_quantize(k, scheme)[..., ordinary],
+                                               k[..., ordinary]))
+    return errors
+
+
+@torch.no_grad()
+def calibration_errors(quant: KVQuantConfig, first: torch.Tensor, later: torch.Tensor,
+                       ) -> tuple[float, float]:
+    """Keys (and the same values) written to a one-layer `QuantizedKVCache` in two writes,
+    `first` (Hkv, T1, D) and then `later` (Hkv, T2, D): the relative error of each, read back.
+
+    A per-tensor scheme calibrates its scale on a layer's first write and keeps it, so later
+    values beyond what its `max_code` headroom allows are clipped.
+    """
+    Hkv, T1, D = first.shape
+    config = CacheConfig(num_layers=1, num_kv_heads=Hkv, head_dim=D, max_batch_size=1,
+                         max_seq_len=T1 + later.shape[1] + 1)
+    cache = QuantizedKVCache(config, quant)
+    for keys in (first, later):
+        append(cache, [0], keys[None, None], keys[None, None])  # (L, B, Hkv, T, D)
+    batch = cache.begin([0], [1])  # an open step: read() hands back everything written
+    cache.write(0, batch, torch.zeros(1, Hkv, D), torch.zeros(1, Hkv, D))  # (N, Hkv, D)
+    stored = cache.read(0, batch).k[0]  # (Hkv, T1 + T2 + 1, D)
+    cache.abort(batch)
+    return (relative_error(stored[:, :T1], first),
+            relative_error(stored[:, T1:T1 + later.shape[1]], later))
+
+
 @dataclass(frozen=True)
 class Agreement:
     """How a quantized cache changes the model's next-token distribution, per step."""
@@ -128,7 +166,7 @@ def _decode_step_over(quant: KVQuantConfig | None, k: torch.Tensor, v: torch.Ten
     has written the last: (cache, batch). `quant=None`: a flat cache."""
     Hkv, S, D = k.shape
     config = CacheConfig(num_layers=1, num_kv_heads=Hkv, head_dim=D, max_batch_size=1,
-                         max_seq_len=max(S, getattr(quant, "window", 0)))
+                         max_seq_len=max(S, 0 if quant is None else quant.residual))
     cache = FlatKVCache(config) if quant is None else QuantizedKVCache(config, quant)
     if S > 1:
         append(cache, [0], k[None, None, :, :-1], v[None, None, :, :-1])  # (L, B, Hkv, S-1, D)
@@ -141,7 +179,7 @@ def _decode_step_over(quant: KVQuantConfig | None, k: torch.Tensor, v: torch.Ten
 def cache_attention_error(quant: KVQuantConfig, k: torch.Tensor, v: torch.Tensor,
                           q: torch.Tensor) -> float:
     """Relative error of a decode step's attention output read through a quantized cache
-    (window and all) against exact K and V. k, v (Hkv, S, D); q (H, D), H a multiple of Hkv."""
+    (residual and all) against exact K and V. k, v (Hkv, S, D); q (H, D), H a multiple of Hkv."""
     outs = []
     for which in (None, quant):
         cache, batch = _decode_step_over(which, k, v)

@@ -1,16 +1,31 @@
-"""Paged decode attention on the CPU, reading each sequence's blocks where they lie.
+"""Paged decode attention on the CPU, reading each sequence's blocks where they lie (numba).
 
-One new token per sequence attends to every key the sequence holds. The reference gathers
-the blocks into contiguous (B, Hkv, S, D) tensors first (`PagedKV.dense`), which copies the
-whole cache every step; this kernel walks the block table instead, with an online softmax
-(`m_i` running max, `l_i` running sum, `acc` the running weighted sum of values), so it reads
-each key and value once and copies nothing. The G = H / Hkv query heads of one KV head are
-served together, so each block tile is loaded once per group, not once per query head.
+One new token per sequence attends to every key it may see. The reference
+(`kvlib.kernels.reference.paged_decode_ref`) gathers the blocks into contiguous tensors
+first, a copy of the whole cache every step; this kernel walks the block table instead, with
+an online softmax (`m_i` running max, `l_i` running sum, `acc` the running weighted sum of
+values), so it reads each key and value once and copies nothing. The G = H / Hkv query heads
+of one KV head are served together, so each block tile is loaded once per group.
 
-Compiled with numba (parallel over sequences x KV heads; its matrix products call SciPy's
-BLAS); float32 and float64 only. Where numba or SciPy is missing, or the dtype or device does
-not fit, `paged_decode_attention` falls back to the reference, so callers never need to
-check.
+With a sliding window W and k sink tokens, the new token at position p = S - 1 sees the keys
+[0, sink_end) and [window_start, S) (`kvlib.kernels.common.visible_ranges`): the kernel
+walks those two ranges and never touches a block outside them (a windowed sequence's table
+holds a null block there, or anything).
+
+Compiled with numba (parallel over sequences x KV heads, the loops over the head dim in SIMD
+code); float32 and float64 only. Where numba is missing, or the dtype or device does not fit,
+`paged_decode_numba` falls back to the reference, so callers never need to check.
+
+Two things the compiled kernel must not change behind its caller's back:
+- Threads. numba's OpenMP threading layer starts its pool on first use with
+  `omp_set_num_threads(cores)`, and torch (built on the same OpenMP runtime) reads its own
+  thread count from that setting: the first call used to raise `torch.get_num_threads()` to
+  the core count, undoing a user's `torch.set_num_threads`. The wrapper runs the kernel on
+  torch's thread count and puts torch's setting back if numba moved it.
+- The source tree. The compiled kernel is cached (a first compile takes about 10 s per
+  dtype) under the user's cache directory (`$NUMBA_CACHE_DIR` if set, else
+  `$XDG_CACHE_HOME/kvlib/numba` or `~/.cache/kvlib/numba`), never in kvlib's `__pycache__`;
+  where that is not writable, it is not cached at all.
 
 Legend: B sequences, H query heads, Hkv KV heads, G = H / Hkv, D head dim, NB blocks,
 BS block size, M blocks per table.
@@ -18,118 +33,159 @@ BS block size, M blocks per table.
 
 from __future__ import annotations
 
+import functools
 import math
+import os
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from kvlib.attention import decode_attention
-from kvlib.contract import PagedKV
+from kvlib.kernels.common import check_decode, window_or_all
+from kvlib.kernels.reference import paged_decode_ref
 
 try:
     import numba
-    import scipy  # noqa: F401  (numba's np.dot calls SciPy's BLAS)
-except ImportError:  # pragma: no cover - both are dependencies; this keeps kvlib importable
+except ImportError:  # pragma: no cover - a dependency; this keeps kvlib importable
     numba = None
-
-
-def paged_decode_attention_ref(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
-                               block_tables: torch.Tensor, context_lens: torch.Tensor,
-                               ) -> torch.Tensor:
-    """Gather every sequence's blocks, then the reference decode attention. (B, H, D)."""
-    dense = PagedKV(k_pool, v_pool, block_tables, context_lens).dense()  # (B, Hkv, S, D)
-    return decode_attention(q, dense.k, dense.v, dense.context_lens)
-
-
-def _check(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
-           block_tables: torch.Tensor, context_lens: torch.Tensor) -> None:
-    _check_shapes(q, k_pool, v_pool, block_tables, context_lens)
-    BS = k_pool.shape[2]
-    lens = context_lens.cpu()
-    if bool((lens < 1).any()) or bool((lens > block_tables.shape[1] * BS).any()):
-        raise ValueError(f"context_lens {lens.tolist()} must be in [1, "
-                         f"{block_tables.shape[1] * BS}] for tables of {block_tables.shape[1]} "
-                         f"blocks of {BS}")
-
-
-def _check_shapes(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
-                  block_tables: torch.Tensor, context_lens: torch.Tensor) -> None:
-    if q.dim() != 3 or k_pool.dim() != 4 or v_pool.shape != k_pool.shape:
-        raise ValueError(f"expected q (B, H, D) and pools (NB, Hkv, BS, D), got q "
-                         f"{tuple(q.shape)}, k_pool {tuple(k_pool.shape)}, v_pool "
-                         f"{tuple(v_pool.shape)}")
-    B, H, D = q.shape
-    NB, Hkv, BS, Dk = k_pool.shape
-    if D != Dk or H % Hkv:
-        raise ValueError(f"q {tuple(q.shape)} does not fit pools {tuple(k_pool.shape)}: head "
-                         f"dims must match and H a multiple of Hkv")
-    if block_tables.dim() != 2 or block_tables.shape[0] != B or context_lens.shape != (B,):
-        raise ValueError(f"expected block_tables (B={B}, M) and context_lens (B,), got "
-                         f"{tuple(block_tables.shape)} and {tuple(context_lens.shape)}")
-
-
-def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
-                           block_tables: torch.Tensor, context_lens: torch.Tensor,
-                           ) -> torch.Tensor:
-    """softmax(q K^T / sqrt(D)) V per sequence, K and V read block by block in place.
-
-    Args:
-        q: (B, H, D) the new token's queries.
-        k_pool, v_pool: (NB, Hkv, BS, D) one layer's block pool.
-        block_tables: (B, M) int32 block ids, padded with -1 past each sequence's blocks.
-        context_lens: (B,) keys per sequence (the new token's included).
-
-    Returns:
-        (B, H, D) in q's dtype.
-    """
-    _check(q, k_pool, v_pool, block_tables, context_lens)
-    fits = (numba is not None and q.device.type == "cpu" and q.dtype in _NUMPY
-            and k_pool.dtype == q.dtype and k_pool.is_contiguous() and v_pool.is_contiguous())
-    if not fits:
-        return paged_decode_attention_ref(q, k_pool, v_pool, block_tables, context_lens)
-    out = torch.empty_like(q)  # (B, H, D)
-    q_scaled = (q * (1.0 / math.sqrt(q.shape[-1]))).contiguous()  # (B, H, D)
-    _kernel(q_scaled.numpy(), k_pool.numpy(), v_pool.numpy(),
-            block_tables.to(torch.int32).contiguous().numpy(),
-            context_lens.to(torch.int64).contiguous().numpy(), out.numpy())
-    return out
-
 
 _NUMPY = {torch.float32, torch.float64}
 
 
-def _decode_kernel(q, k_pool, v_pool, block_tables, context_lens, out):
-    # q arrives scaled by 1/sqrt(D). One block is one (BS, D) tile per head: the group's
-    # scores are one small matrix product (G, D) x (D, n) and its values another
-    # (G, n) x (n, D); numba hands both to BLAS, which vectorises them far better than
-    # loops over d would be.
+def paged_decode_numba(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                       block_tables: torch.Tensor, context_lens: torch.Tensor, *,
+                       window: int | None = None, sink_tokens: int = 0) -> torch.Tensor:
+    """softmax(q K^T / sqrt(D) + mask) V per sequence, K and V read block by block in place.
+
+    Args:
+        q: (B, H, D) the new token's queries (the token at position context_lens[b] - 1).
+        k_pool, v_pool: (NB, Hkv, BS, D) one layer's block pool.
+        block_tables: (B, M) int block ids; entries past a sequence's blocks, and of blocks
+            no query sees (outside the window and the sinks), are never read.
+        context_lens: (B,) keys per sequence (the new token's included), each >= 1.
+        window: sliding window W, or None; sink_tokens: the first keys every query sees.
+
+    Returns:
+        (B, H, D) in q's dtype.
+    """
+    check_decode(q, k_pool, v_pool, block_tables, context_lens, window, sink_tokens)
+    fits = (numba is not None and q.device.type == "cpu" and q.dtype in _NUMPY
+            and k_pool.dtype == q.dtype and v_pool.dtype == q.dtype
+            and k_pool.is_contiguous() and v_pool.is_contiguous())
+    if not fits:
+        return paged_decode_ref(q, k_pool, v_pool, block_tables, context_lens, window,
+                                sink_tokens)
+    out = torch.empty_like(q)  # (B, H, D)
+    q_scaled = (q * (1.0 / math.sqrt(q.shape[-1]))).contiguous()  # (B, H, D)
+    args = (q_scaled.numpy(), k_pool.numpy(), v_pool.numpy(),
+            block_tables.to(torch.int64).contiguous().numpy(),
+            context_lens.to(torch.int64).contiguous().numpy(),
+            window_or_all(window, block_tables.shape[1] * k_pool.shape[2]), sink_tokens,
+            out.numpy())
+    _run_on_torch_threads(_kernel(), args)
+    return out
+
+
+def _run_on_torch_threads(kernel, args) -> None:
+    """Run `kernel(*args)` on as many threads as torch uses, and leave torch's count as it was.
+
+    NOTE: the first use of numba's threads calls omp_set_num_threads(cores) (numba's
+    `launch_threads`), which is also torch's setting when both use one OpenMP runtime; so the
+    count is read before and put back after, here, where numba may start its pool.
+    """
+    threads = torch.get_num_threads()
+    try:
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+        kernel(*args)
+    finally:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+
+
+def cache_dir() -> Path:
+    """Where the compiled kernel is cached: $NUMBA_CACHE_DIR, else the user's cache dir."""
+    if os.environ.get("NUMBA_CACHE_DIR"):
+        return Path(os.environ["NUMBA_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "kvlib" / "numba"
+
+
+def _decode_kernel(q, k_pool, v_pool, block_tables, context_lens, window, sink_tokens, out):
+    # q arrives scaled by 1/sqrt(D). Plain loops over tokens and d: numba compiles the d loops
+    # to SIMD code (fastmath), and a block's (G, D) x (D, n) products are too small for BLAS
+    # to pay for its call (handing them to np.dot was 1.6-2.5x slower, measured at 32 and 128
+    # head dims).
     B, H, D = q.shape
     Hkv, BS = k_pool.shape[1], k_pool.shape[2]
     G = H // Hkv
     for job in numba.prange(B * Hkv):  # one (sequence, KV head) per job
         b, h = job // Hkv, job % Hkv
         S = context_lens[b]
-        qg = np.ascontiguousarray(q[b, h * G:(h + 1) * G])  # (G, D) this KV group's queries
+        # the new token (position S - 1) sees [0, sink_end) and [window_start, S)
+        window_start = max(0, S - window)
+        sink_end = min(sink_tokens, window_start)
         m_i = np.full(G, -np.inf, dtype=q.dtype)  # running max of scores
         l_i = np.zeros(G, dtype=q.dtype)  # running sum of exp(score - m_i)
         acc = np.zeros((G, D), dtype=q.dtype)  # running sum of exp(score - m_i) * v
-        for j in range((S + BS - 1) // BS):
-            block = block_tables[b, j]
-            n = min(BS, S - j * BS)  # tokens used in this block (the last may be partial)
-            scores = np.dot(qg, k_pool[block, h, :n].T)  # (G, n), read in place
-            for g in range(G):
-                m_new = max(m_i[g], scores[g].max())
-                alpha = np.exp(m_i[g] - m_new)  # rescales what was summed under the old max
-                l_i[g] *= alpha
-                acc[g] *= alpha
-                m_i[g] = m_new
-                for t in range(n):
-                    scores[g, t] = np.exp(scores[g, t] - m_new)  # p, unnormalised
-                l_i[g] += scores[g].sum()
-            acc += np.dot(scores, v_pool[block, h, :n])  # (G, D) += (G, n) x (n, D)
+        scores = np.empty(BS, dtype=q.dtype)  # one block's scores for one query head
+        for lo, hi in ((0, sink_end), (window_start, S)):
+            for j in range(lo // BS, (hi + BS - 1) // BS):  # the blocks this range touches
+                block = block_tables[b, j]
+                t0, t1 = max(lo, j * BS) - j * BS, min(hi, (j + 1) * BS) - j * BS  # in block
+                for g in range(G):
+                    qh = q[b, h * G + g]  # (D,)
+                    block_max = -np.inf
+                    for t in range(t0, t1):  # keys read in place
+                        k = k_pool[block, h, t]  # (D,)
+                        x = 0.0
+                        for d in range(D):
+                            x += qh[d] * k[d]
+                        scores[t] = x
+                        block_max = max(block_max, x)
+                    m_new = max(m_i[g], block_max)
+                    alpha = np.exp(m_i[g] - m_new)  # rescales what was summed under the old max
+                    l_sum = l_i[g] * alpha
+                    for d in range(D):
+                        acc[g, d] *= alpha
+                    for t in range(t0, t1):
+                        p = np.exp(scores[t] - m_new)  # unnormalised weight
+                        l_sum += p
+                        v = v_pool[block, h, t]  # (D,)
+                        for d in range(D):
+                            acc[g, d] += p * v[d]
+                    l_i[g] = l_sum
+                    m_i[g] = m_new
         for g in range(G):
-            out[b, h * G + g] = acc[g] / l_i[g]
+            for d in range(D):
+                out[b, h * G + g, d] = acc[g, d] / l_i[g]
 
 
-if numba is not None:
-    _kernel = numba.njit(parallel=True, fastmath=True, cache=True)(_decode_kernel)
+@functools.cache
+def _kernel():
+    """The numba dispatcher of `_decode_kernel`, made on first use and caching its compiled
+    code in `cache_dir()` (see the module's docstring)."""
+    kernel = numba.njit(parallel=True, fastmath=True)(_decode_kernel)
+    _enable_user_cache(kernel, cache_dir())
+    return kernel
+
+
+def _enable_user_cache(kernel, folder: Path) -> None:
+    """Cache `kernel`'s compiled code in `folder`, or nowhere if it is not writable.
+
+    NOTE: numba picks a cache location when caching is enabled, from `numba.config.CACHE_DIR`
+    first and then the source's own `__pycache__`; setting the config for that one call (and
+    putting it back) points it at `folder` without changing the environment of anything else.
+    """
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        writable = os.access(folder, os.W_OK)
+    except OSError:
+        writable = False
+    if not writable:
+        return
+    saved = numba.config.CACHE_DIR
+    numba.config.CACHE_DIR = str(folder)
+    try:
+        kernel.enable_caching()
+    finally:
+        numba.config.CACHE_DIR = saved

@@ -14,7 +14,7 @@ from matplotlib.colors import ListedColormap
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
-from kvlib.engine import EngineMetrics
+from kvlib.outputs import EngineMetrics
 
 # 0 not arrived / done, 1 waiting, 2 prefill chunk, 3 decode, 4 preempted (back in the queue),
 # 5 padding (static batching: finished, but still fed because the batch is a rectangle)
@@ -57,15 +57,15 @@ def draw_timeline(ax: Axes, metrics: EngineMetrics, arrivals: Sequence[int],
         for rid, kind, _ in rec.events:
             if kind == "finish":
                 ax.plot(s, rid, "k.", markersize=3)
-    ax.set_xlabel("step")
-    ax.set_ylabel("request")
+    ax.set_xlabel("engine step")
+    ax.set_ylabel("request (index)")
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_title(title, fontsize=10)
+    ax.set_title(title)
     if legend:
         shown = (sorted(set(np.unique(grid).tolist()) - {0}) if legend_states is None
                  else [STATE_NAMES.index(name) for name in legend_states])
         ax.legend(handles=[Patch(color=_STATES[i], label=STATE_NAMES[i]) for i in shown],
-                  fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+                  loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
 
 
 def draw_block_use(ax: Axes, metrics: EngineMetrics, num_blocks: int, label: str = "",
@@ -74,8 +74,8 @@ def draw_block_use(ax: Axes, metrics: EngineMetrics, num_blocks: int, label: str
     used = metrics.used_blocks_per_step
     ax.plot(range(len(used)), used, label=label or None, color=color, lw=1.2)
     ax.axhline(num_blocks, color="k", ls="--", lw=0.8)
-    ax.set_xlabel("step")
-    ax.set_ylabel("blocks in use")
+    ax.set_xlabel("engine step")
+    ax.set_ylabel("blocks in use (of the pool)")
     ax.set_ylim(0, num_blocks * 1.1)
 
 
@@ -88,6 +88,6 @@ def draw_tokens_per_step(ax: Axes, metrics: EngineMetrics, budget: int | None = 
     ax.bar(x, pre, width=1.0, bottom=dec, color=_STATES[2], label="prefill tokens")
     if budget is not None:
         ax.axhline(budget, color="k", ls="--", lw=0.8, label="token budget")
-    ax.set_xlabel("step")
+    ax.set_xlabel("engine step")
     ax.set_ylabel("tokens in the step")
-    ax.legend(fontsize=7)
+    ax.legend(loc="upper right", frameon=False)

@@ -1,4 +1,7 @@
-"""What every drawing shares: the book's colours and a plot of measured times."""
+"""What every drawing shares: the book's colours and a plot of measured times.
+
+Sizes and fonts are the book's style (`kvlib.viz.style`), not set here.
+"""
 
 from __future__ import annotations
 
@@ -18,5 +21,5 @@ def plot_timings(ax: Axes, xs: Sequence[int], series: Mapping[str, Sequence[floa
     ax.set_yscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.legend(fontsize=8)
+    ax.legend()
     ax.grid(True, which="both", alpha=0.3)

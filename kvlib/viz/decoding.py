@@ -34,8 +34,7 @@ def draw_attention_work(ax: Axes, context_len: int, cached: bool) -> None:
         work *= 2
     ax.imshow(work, cmap=_WORK, vmin=0, vmax=2)
     computed = int((work == 2).sum())
-    ax.set_title(f"{'with' if cached else 'without'} cache: {computed} scores computed",
-                 fontsize=10)
+    ax.set_title(f"{'with' if cached else 'without'} cache:\n{computed} scores")
     ax.set_xlabel("key position")
     ax.set_ylabel("query position")
     ax.set_xticks([])
@@ -58,15 +57,15 @@ def plot_step_costs(ax: Axes, cfg: ModelConfig, context_lens: Sequence[int]) -> 
                     ls=styles[part], label=f"{label}: {part.removesuffix('_flops')}")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
-    ax.set_xlabel("S, tokens already cached (the step attends over S + 1 keys)")
-    ax.set_ylabel("FLOPs for one new token")
-    ax.set_title(f"cost of one decode step ({cfg.name})", fontsize=10)
-    ax.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(0.0, -0.14))  # below
+    ax.set_xlabel("S, tokens already cached (tokens)")
+    ax.set_ylabel("work per new token (FLOPs)")
+    ax.set_title(f"cost of one decode step ({cfg.name})")
+    ax.legend(ncol=2, loc="upper left", bbox_to_anchor=(0.0, -0.16), frameon=False)  # below
     ax.grid(True, which="major", alpha=0.3)
 
 
 def plot_speedups(ax: Axes, cfg: ModelConfig, measured: Mapping[int, float]) -> None:
-    """Measured per-token speedup beside the FLOP ratio and the original design's claim."""
+    """Measured per-token speedup beside the FLOP ratio and the widely quoted claim (S)."""
     lens = sorted(measured)
     ax.plot(lens, lens, color=COLORS["claim"], ls="--", marker="o",
             label="claim: S^2 / S score entries = S")
@@ -76,9 +75,9 @@ def plot_speedups(ax: Axes, cfg: ModelConfig, measured: Mapping[int, float]) -> 
             label="measured time ratio")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
-    ax.set_xlabel("context length S")
-    ax.set_ylabel("uncached / cached, per new token")
-    ax.legend(fontsize=8)
+    ax.set_xlabel("context length S (tokens)")
+    ax.set_ylabel("uncached / cached per token (x)")
+    ax.legend()
     ax.grid(True, which="both", alpha=0.3)
 
 
@@ -94,11 +93,10 @@ def draw_cache_fill(ax: Axes, prompt_len: int, cached_len: int, max_seq_len: int
             label="generated")
     ax.set_xlim(0, max_seq_len)
     ax.set_yticks([0], [label] if label else [""])
-    ax.set_xlabel(f"{cached_len} of {max_seq_len} token slots in use "
-                  f"({cached_len / max_seq_len:.0%})")
+    ax.set_xlabel(f"token slots ({cached_len} of {max_seq_len} in use: "
+                  f"{cached_len / max_seq_len:.0%})")
     if legend:
-        ax.legend(fontsize=7, loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=3,
-                  frameon=False)
+        ax.legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=3, frameon=False)
 
 
 STEP_PARTS = ("projection", "attention", "mlp", "lm_head")
@@ -138,10 +136,10 @@ def draw_step_cost_bars(ax: Axes, cfg: ModelConfig, context_len: int,
     ax.set_xscale("log")
     if xlim is not None:
         ax.set_xlim(xlim[0] / 2, xlim[1] * 2)
-    ax.set_xlabel("FLOPs for one new token (log scale)")
+    ax.set_xlabel("work per new token (FLOPs, log scale)")
     ratio = costs[False].total_flops / costs[True].total_flops
     ax.set_title(f"{cfg.name}, S = {context_len:,} cached: {ratio:,.0f}x fewer FLOPs with a "
-                 f"cache\n(the score-count claim says {context_len + 1:,}x)", fontsize=9)
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.28), ncol=2,
+                 f"cache\n(the score-count claim says {context_len + 1:,}x)")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=2,
               frameon=False)  # below the x label, never over a bar
     ax.grid(True, axis="x", which="major", alpha=0.3)

@@ -43,7 +43,7 @@ def draw_tiles(ax: Axes, scores: np.ndarray, q_tile: int, kv_tile: int, step: in
     for i in range(T):
         for j in range(i + 1):
             ax.text(j + 0.5, i + 0.5, f"{scores[i, j]:.0f}", ha="center", va="center",
-                    fontsize=8)
+                    fontsize=9.5)
     for n, (q0, q1, k0, k1) in enumerate(schedule, start=1):
         done, current = n < step, n == step
         color = "tab:red" if current else ("tab:blue" if done else "0.6")
@@ -52,11 +52,37 @@ def draw_tiles(ax: Axes, scores: np.ndarray, q_tile: int, kv_tile: int, step: in
                                edgecolor=color, linewidth=2.5 if current else 1))
     ax.set_xlim(0, T)
     ax.set_ylim(T, 0)
-    ax.set_xticks(np.arange(T) + 0.5, range(T), fontsize=7)
-    ax.set_yticks(np.arange(T) + 0.5, range(T), fontsize=7)
-    ax.set_xlabel("key")
-    ax.set_ylabel("query")
+    ax.set_xticks(np.arange(T) + 0.5, range(T))
+    ax.set_yticks(np.arange(T) + 0.5, range(T))
+    ax.set_xlabel("key (position)")
+    ax.set_ylabel("query (position)")
     ax.tick_params(length=0)
+
+
+def draw_tile_order(ax: Axes, seq_len: int, q_tile: int, kv_tile: int) -> None:
+    """The whole causal pass in one picture: each tile `chunked_attention` computes, shaded
+    and numbered in the order it is visited; the rest (wholly above the diagonal) hatched,
+    never computed."""
+    schedule = causal_tile_schedule(seq_len, q_tile, kv_tile)
+    ax.imshow(np.ones((seq_len, seq_len)), cmap="gray", vmin=0, vmax=1,
+              extent=(0, seq_len, seq_len, 0))
+    for q0, q1 in flash.tiles(seq_len, q_tile):
+        for k0, k1 in flash.tiles(seq_len, kv_tile):
+            if k0 >= q1:  # every key of this tile is after every query of it
+                ax.add_patch(Rectangle((k0, q0), k1 - k0, q1 - q0, fill=False, hatch="///",
+                                       edgecolor="0.75", linewidth=0.8))
+    for n, (q0, q1, k0, k1) in enumerate(schedule, start=1):
+        ax.add_patch(Rectangle((k0, q0), k1 - k0, q1 - q0, facecolor="tab:blue", alpha=0.18,
+                               edgecolor="tab:blue", linewidth=1.5))
+        ax.text((k0 + k1) / 2, (q0 + q1) / 2, str(n), ha="center", va="center", fontsize=11,
+                color="tab:blue", weight="bold")
+    ax.set_xlim(0, seq_len)
+    ax.set_ylim(seq_len, 0)
+    ax.set_xticks(range(0, seq_len + 1, kv_tile))
+    ax.set_yticks(range(0, seq_len + 1, q_tile))
+    ax.set_xlabel("key (position)")
+    ax.set_ylabel("query (position)")
+    ax.set_title(f"{len(schedule)} tiles computed, in this order; hatched: never")
 
 
 def tile_step_figure(scores: np.ndarray, q_tile: int, kv_tile: int, step: int) -> Figure:
@@ -65,11 +91,10 @@ def tile_step_figure(scores: np.ndarray, q_tile: int, kv_tile: int, step: int) -
     T = scores.shape[0]
     schedule = causal_tile_schedule(T, q_tile, kv_tile)
     q0, q1, k0, k1 = schedule[step - 1]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(7.6, 3.6),
-                                      gridspec_kw={"width_ratios": [1.1, 1]})
+    fig, (left, right) = plt.subplots(1, 2, figsize=(7.0, 3.6),
+                                      gridspec_kw={"width_ratios": [1, 1.05]})
     draw_tiles(left, scores, q_tile, kv_tile, step)
-    left.set_title(f"tile {step} of {len(schedule)}: queries {q0}-{q1 - 1}, keys {k0}-{k1 - 1}",
-                   fontsize=9)
+    left.set_title(f"tile {step} of {len(schedule)}:\nqueries {q0}-{q1 - 1}, keys {k0}-{k1 - 1}")
     rows = []
     for i in range(q0, q1):
         row = np.where(np.arange(k1) <= i, scores[i, :k1], -np.inf)  # this row's keys so far
@@ -82,10 +107,9 @@ def tile_step_figure(scores: np.ndarray, q_tile: int, kv_tile: int, step: int) -
                         colWidths=[0.14, 0.14, 0.17, 0.17, 0.38], loc="center",
                         cellLoc="center")
     table.auto_set_font_size(False)
-    table.set_fontsize(8)
-    table.scale(1, 1.3)
-    right.set_title("state of the tile's query rows after it", fontsize=9)
-    fig.tight_layout()
+    table.set_fontsize(9.5)
+    table.scale(1, 1.5)
+    right.set_title("its query rows after it")
     return fig
 
 
@@ -107,9 +131,9 @@ def plot_peak_memory(ax: Axes, memory: AttentionMemory, extend_to: int | None = 
                     label=f"{path}: {'quadratic' if degree == 2 else 'linear'} fit")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
-    ax.set_xlabel("sequence length T (causal self-attention)")
-    ax.set_ylabel("peak MiB allocated")
-    ax.legend(fontsize=8)
+    ax.set_xlabel("sequence length T (tokens, causal self-attention)")
+    ax.set_ylabel("peak memory allocated (MiB)")
+    ax.legend()
     ax.grid(True, which="both", alpha=0.3)
 
 

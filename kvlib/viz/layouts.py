@@ -27,8 +27,8 @@ def plot_cache_sizes(ax: Axes, presets: Mapping[str, ModelConfig], context_lens:
     ax.set_yscale("log")
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("KV cache (GiB)")
-    ax.set_title(f"KV cache size, {dtype}, batch {batch_size}", fontsize=10)
-    ax.legend(fontsize=8)
+    ax.set_title(f"KV cache size, {dtype}, batch {batch_size}")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)  # beside, not over
     ax.grid(True, which="both", alpha=0.3)
 
 
@@ -46,10 +46,9 @@ def plot_cache_vs_weights(ax: Axes, presets: Mapping[str, ModelConfig],
                    lw=1)
         if any(np.array_equal(line.get_ydata(), later.get_ydata()) for later in lines[i + 1:]):
             line.set(lw=5, alpha=0.45)  # same KV shape as a later model: show it as a halo
-    ax.legend(fontsize=8)  # again, so the legend shows the halos
-    ax.set_ylabel("GiB")
-    ax.set_title(f"KV cache (solid) vs weights (dashed), {dtype}, batch {batch_size}",
-                 fontsize=10)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)  # shows the halos
+    ax.set_ylabel("memory (GiB)")
+    ax.set_title(f"KV cache (solid) vs weights (dashed), {dtype}, batch {batch_size}")
 
 
 def cache_table(presets: Mapping[str, ModelConfig], dtype: str = "bf16") -> str:
@@ -61,18 +60,29 @@ def cache_table(presets: Mapping[str, ModelConfig], dtype: str = "bf16") -> str:
                       KiB   tokens              GiB      GiB   tokens  seqs @ max
     llama-3-8b      128.0    8,192             1.00    14.96  122,532        15.0
     """
-    header = (f"{'model':<12} {'KV/token':>8} {'max ctx':>8} {'cache @ max ctx':>16} "
+    w = max(12, *map(len, presets))  # the model column fits the longest name
+    header = (f"{'model':<{w}} {'KV/token':>8} {'max ctx':>8} {'cache @ max ctx':>16} "
               f"{'weights':>8}  cache = weights at")
-    units = (f"{'':<12} {'KiB':>8} {'tokens':>8} {'GiB':>16} {'GiB':>8} {'tokens':>8} "
+    units = (f"{'':<{w}} {'KiB':>8} {'tokens':>8} {'GiB':>16} {'GiB':>8} {'tokens':>8} "
              f"{'seqs @ max':>11}")
     lines = [header, units]
     for name, cfg in presets.items():
         per_token = analysis.kv_bytes_per_token(cfg, dtype)
         full = analysis.kv_cache_bytes(cfg, cfg.max_seq_len, 1, dtype)
         weights = analysis.weight_bytes(cfg, dtype)
-        lines.append(f"{name:<12} {per_token / 2**10:>8.1f} {cfg.max_seq_len:>8,} "
+        lines.append(f"{name:<{w}} {per_token / 2**10:>8.1f} {cfg.max_seq_len:>8,} "
                      f"{full / 2**30:>16.2f} {weights / 2**30:>8.2f} "
                      f"{weights // per_token:>8,} {weights / full:>11.1f}")
+    return "\n".join(lines)
+
+
+def cache_table_markdown(presets: Mapping[str, ModelConfig], dtype: str = "bf16") -> str:
+    """`cache_table` as a Markdown table (what a chapter shows), the same numbers."""
+    lines = ["| model | KV/token (KiB) | max context (tokens) | cache at max (GiB) | "
+             "weights (GiB) | cache = weights at (tokens) | or (sequences at max context) |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for row in cache_table(presets, dtype).splitlines()[2:]:
+        lines.append("| " + " | ".join(row.split()) + " |")
     return "\n".join(lines)
 
 
@@ -90,24 +100,32 @@ def layout_order(layout: Layout, num_tokens: int, num_kv_heads: int) -> list[tup
 
 
 def draw_layout(ax: Axes, layout: Layout, num_tokens: int = 4, num_kv_heads: int = 2,
-                highlight_head: int = 0) -> None:
-    """One layer and batch slot of a flat cache as a strip of memory, left to right.
+                highlight_head: int = 0, per_row: int = 16, min_rows: int = 1) -> None:
+    """One layer and batch slot of a flat cache as a strip of memory, left to right, wrapped
+    every `per_row` cells (each row continues the one above it), so cells stay readable;
+    `min_rows` reserves room for more rows (so strips of different lengths line up).
 
     Each cell is one head_dim-long vector. The keys a decode step reads for
     `highlight_head` are outlined: one contiguous run in HEAD_MAJOR, scattered in SEQ_MAJOR.
     """
     order = layout_order(layout, num_tokens, num_kv_heads)
     cmap = plt.get_cmap("tab10")
+    rows = max(-(-len(order) // per_row), min_rows)
     for i, (kv, h, t) in enumerate(order):
+        x, y = i % per_row, rows - 1 - i // per_row  # the first row on top
         shade = 0.9 if kv == "K" else 0.45
-        ax.add_patch(Rectangle((i, 0), 1, 1, facecolor=cmap(h), alpha=shade, edgecolor="white"))
-        ax.text(i + 0.5, 0.5, f"{kv}{h}\nt{t}", ha="center", va="center", fontsize=7)
+        ax.add_patch(Rectangle((x, y), 1, 1, facecolor=cmap(h), alpha=shade, edgecolor="white"))
+        ax.text(x + 0.5, y + 0.5, f"{kv}{h}\nt{t}", ha="center", va="center",
+                fontsize=9.5, linespacing=1.0)
         if kv == "K" and h == highlight_head:
-            ax.add_patch(Rectangle((i + 0.04, 0.04), 0.92, 0.92, fill=False, lw=2,
+            ax.add_patch(Rectangle((x + 0.05, y + 0.05), 0.9, 0.9, fill=False, lw=2,
                                    edgecolor="black"))
-    ax.set_xlim(0, len(order))
-    ax.set_ylim(0, 1)
-    ax.set_yticks([])
-    ax.set_xlabel("memory address (in units of head_dim elements)")
-    ax.set_title(f"{layout.value}: keys of head {highlight_head} outlined", fontsize=10)
+    ax.set_xlim(0, per_row if rows > 1 else len(order))
+    ax.set_ylim(0, rows)
+    ax.set_yticks([r + 0.5 for r in range(rows)], [f"+{per_row * (rows - 1 - r)}"
+                                                   for r in range(rows)])
+    ax.set_xticks(range(0, (per_row if rows > 1 else len(order)) + 1, 4))
+    ax.set_xlabel("memory address (head_dim-long vectors from the row's start)")
+    ax.set_ylabel("row starts at")
+    ax.set_title(f"{layout.value}: keys of head {highlight_head} outlined")
     ax.set_aspect("equal")

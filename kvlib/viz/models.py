@@ -7,7 +7,9 @@ there.
 
 from __future__ import annotations
 
+import html
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from matplotlib.axes import Axes
@@ -19,8 +21,50 @@ from kvlib.real_models import MLAConfig
 
 Model = ModelConfig | MLAConfig
 
-# The dtype each model's weights are published in: bf16, except DeepSeek-V3's FP8 release.
-WEIGHT_DTYPE = {"deepseek-v3": "fp8"}
+# The dtype each model's weights are published in: bf16, except DeepSeek-V3's FP8 release
+# and gpt-oss's MXFP4 experts (`real_models.PUBLISHED_WEIGHT_BYTES`).
+WEIGHT_DTYPE = {"deepseek-v3": "fp8", "gpt-oss-120b": real_models.AS_PUBLISHED}
+
+
+@dataclass(frozen=True)
+class GpuRow:
+    """One model on one GPU: GB of weights and of the batch's cache (None: not drawn), and
+    the note beside them (how many sequences fit, or why none do)."""
+
+    name: str
+    weights_gb: float | None
+    cache_gb: float | None
+    note: str
+
+
+def gpu_memory_rows(models: Mapping[str, Model], context_len: int, batch_size: int,
+                    dtype: str, gpu_gb: int, tp: int) -> list[GpuRow]:
+    """What `plot_gpu_memory` and `gpu_memory_html` draw, from `kvlib.real_models`.
+
+    >>> row, = gpu_memory_rows({"llama-3-8b": real_models.REAL_MODELS["llama-3-8b"]},
+    ...                        8192, 1, "bf16", 80, 1)
+    >>> round(row.weights_gb, 2), round(row.cache_gb, 2), row.note
+    (16.06, 1.07, 'fits 59 seqs')
+    """
+    gpu = gpu_gb * 10**9
+    rows = []
+    for name, m in models.items():
+        wdt = WEIGHT_DTYPE.get(name, "bf16")
+        try:
+            weights = real_models.weight_bytes_per_gpu(m, wdt, tp) / 1e9
+        except ValueError:
+            rows.append(GpuRow(name, None, None,
+                               f"{m.num_heads} heads do not split over {tp} GPUs"))
+            continue
+        if context_len > m.max_seq_len:  # no cache drawn: the model cannot read that far
+            rows.append(GpuRow(name, weights, None, f"context > its max {m.max_seq_len:,}"))
+            continue
+        cache = real_models.cache_bytes(m, context_len, batch_size, dtype, tp) / 1e9
+        fit = real_models.max_sequences(m, context_len, gpu, dtype=dtype, weight_dtype=wdt,
+                                        tp=tp)
+        note = "weights do not fit" if weights * 1e9 >= gpu else f"fits {fit:,} seqs"
+        rows.append(GpuRow(name, weights, cache, note))
+    return rows
 
 
 def attention_kind(model: Model) -> str:
@@ -78,18 +122,36 @@ def comparison_table(models: Mapping[str, Model], context_lens: Sequence[int],
     return "\n".join(lines)
 
 
+def comparison_markdown(models: Mapping[str, Model], context_lens: Sequence[int],
+                        dtype: str = "bf16") -> str:
+    """`comparison_table` as a Markdown table (what a chapter shows: it fits the page and
+    scrolls inside itself on a phone), the same numbers, the same '-'."""
+    head = ["model", "attn", "KV heads x dim", "window (layers)", "KiB per token",
+            "naive", *(f"{c // 1024}K (GiB)" for c in context_lens)]
+    lines = ["| " + " | ".join(head) + " |", "|---|---|---|---|" + "---:|" * (len(head) - 4)]
+    for name, m in models.items():
+        shape = (f"latent {m.kv_lora_rank}+{m.qk_rope_head_dim}" if isinstance(m, MLAConfig)
+                 else f"{m.num_kv_heads} x {m.head_dim}")
+        cells = [f"{real_models.cache_bytes(m, c, 1, dtype) / 2**30:.2f}"
+                 if c <= m.max_seq_len else "-" for c in context_lens]
+        lines.append("| " + " | ".join([
+            name, attention_kind(m), shape, window_text(m),
+            f"{real_models.token_bytes(m, dtype) / 2**10:.1f}",
+            f"{naive_token_bytes(m, dtype) / 2**10:.1f}", *cells]) + " |")
+    return "\n".join(lines)
+
+
 def draw_window_mask(ax: Axes, num_tokens: int, window: int | None) -> None:
     """Which keys (columns) each query (rows) attends to: causal, or causal within W."""
     q = np.arange(num_tokens)[:, None]
     k = np.arange(num_tokens)[None, :]
     allowed = (k <= q) & ((k > q - window) if window is not None else True)
     ax.imshow(allowed, cmap="Blues", vmin=0, vmax=1.4)
-    ax.set_xticks(range(num_tokens))
-    ax.set_yticks(range(num_tokens))
-    ax.tick_params(labelsize=7)
-    ax.set_xlabel("key position")
-    ax.set_ylabel("query position")
-    ax.set_title("causal" if window is None else f"sliding window W = {window}", fontsize=10)
+    ax.set_xticks(range(0, num_tokens, 2))
+    ax.set_yticks(range(0, num_tokens, 2))
+    ax.set_xlabel("key (position)")
+    ax.set_ylabel("query (position)")
+    ax.set_title("causal" if window is None else f"sliding window W = {window}")
 
 
 def draw_ring_buffer(ax: Axes, num_tokens: int, window: int) -> None:
@@ -106,15 +168,14 @@ def draw_ring_buffer(ax: Axes, num_tokens: int, window: int) -> None:
     for t in range(num_tokens):
         for s in range(window):
             if grid[t, s] >= 0:
-                ax.text(s, t, str(grid[t, s]), ha="center", va="center", fontsize=7)
+                ax.text(s, t, str(grid[t, s]), ha="center", va="center", fontsize=9.5)
         ax.add_patch(Rectangle((t % window - 0.5, t - 0.5), 1, 1, fill=False, lw=1.5,
                                ec="tab:red"))
     ax.set_xticks(range(window))
-    ax.set_yticks(range(num_tokens))
-    ax.tick_params(labelsize=7)
+    ax.set_yticks(range(0, num_tokens, 2))
     ax.set_xlabel("ring slot (position mod W)")
-    ax.set_ylabel("after token")
-    ax.set_title(f"ring buffer, W = {window}", fontsize=10)
+    ax.set_ylabel("after token (position)")
+    ax.set_title(f"ring buffer, W = {window}")
 
 
 def plot_cache_vs_context(ax: Axes, models: Mapping[str, Model], context_lens: Sequence[int],
@@ -131,9 +192,9 @@ def plot_cache_vs_context(ax: Axes, models: Mapping[str, Model], context_lens: S
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("context (tokens)")
-    ax.set_ylabel("GiB per GPU")
+    ax.set_ylabel("cache per GPU (GiB)")
     ax.grid(True, which="both", alpha=0.3)
-    ax.set_title(f"one sequence's cache, {dtype}, tp = {tp}", fontsize=10)
+    ax.set_title(f"one sequence's cache, {dtype}, tp = {tp}")
 
 
 def plot_gpu_memory(ax: Axes, models: Mapping[str, Model], context_len: int, batch_size: int,
@@ -144,30 +205,52 @@ def plot_gpu_memory(ax: Axes, models: Mapping[str, Model], context_len: int, bat
     none do (the weights alone, heads that do not split over tp, a context past the model's).
     """
     names = list(models)
-    gpu = gpu_gb * 10**9
     labels = {"weights": "weights", "cache": f"cache of {batch_size:,} sequence(s)"}
-    for i, name in enumerate(names):
-        m = models[name]
-        wdt = WEIGHT_DTYPE.get(name, "bf16")
-        try:
-            weights = real_models.weight_bytes_per_gpu(m, wdt, tp) / 1e9
-        except ValueError:
-            ax.text(1.02, i, f"{m.num_heads} heads do not split over {tp} GPUs",
-                    transform=ax.get_yaxis_transform(), va="center", fontsize=7, color="gray")
-            continue
-        ax.barh(i, weights, color="tab:gray", label=labels.pop("weights", None))
-        if context_len > m.max_seq_len:  # no cache drawn: the model cannot read that far
-            note = f"context > its max {m.max_seq_len:,}"
-        else:
-            cache = real_models.cache_bytes(m, context_len, batch_size, dtype, tp) / 1e9
-            ax.barh(i, cache, left=weights, color="tab:blue", label=labels.pop("cache", None))
-            fit = real_models.max_sequences(m, context_len, gpu, dtype=dtype, weight_dtype=wdt,
-                                         tp=tp)
-            note = "weights do not fit" if weights * 1e9 >= gpu else f"fits {fit:,} seqs"
-        ax.text(1.02, i, note, transform=ax.get_yaxis_transform(), va="center", fontsize=7)
+    for i, row in enumerate(gpu_memory_rows(models, context_len, batch_size, dtype, gpu_gb,
+                                            tp)):
+        if row.weights_gb is not None:
+            ax.barh(i, row.weights_gb, color="tab:gray", label=labels.pop("weights", None))
+        if row.cache_gb is not None:
+            ax.barh(i, row.cache_gb, left=row.weights_gb, color="tab:blue",
+                    label=labels.pop("cache", None))
+        ax.text(1.02, i, row.note, transform=ax.get_yaxis_transform(), va="center",
+                color="gray" if row.weights_gb is None else "black")
     ax.axvline(gpu_gb, color="tab:red", lw=1.5, label=f"{gpu_gb} GB GPU")
-    ax.set_yticks(range(len(names)), names, fontsize=8)
+    ax.set_yticks(range(len(names)), names)
     ax.invert_yaxis()
     ax.set_xlim(0, 2 * gpu_gb)
-    ax.set_xlabel("GB per GPU (bars past the axis are cut)")
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3)
+    ax.set_xlabel("memory per GPU (GB; bars past the axis are cut)")
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=3, frameon=False)
+
+
+def gpu_memory_html(models: Mapping[str, Model], context_len: int, batch_size: int,
+                    dtype: str, gpu_gb: int, tp: int) -> str:
+    """`plot_gpu_memory` as an HTML table of bars (a few kB, where a PNG weighs tens): per
+    model one GPU's weights (grey) and the batch's cache (blue) on a scale of twice the GPU's
+    memory, its size a red line, and the note. It scrolls sideways on a narrow screen."""
+    width = 260  # CSS px for 2 x gpu_gb
+    scale = width / (2 * gpu_gb)
+
+    def bar(gb: float | None, color: str) -> str:
+        if not gb:
+            return ""
+        return (f'<span style="display: inline-block; height: 14px; width: '
+                f'{min(gb * scale, width):.0f}px; background: {color}"></span>')
+
+    body = []
+    for row in gpu_memory_rows(models, context_len, batch_size, dtype, gpu_gb, tp):
+        total = (row.weights_gb or 0) + (row.cache_gb or 0)
+        size = f"{total:,.0f} GB" if row.weights_gb is not None else ""
+        body.append(
+            f"<tr><td><b>{html.escape(row.name)}</b></td>"
+            f'<td style="position: relative; width: {width}px; white-space: nowrap">'
+            f"{bar(row.weights_gb, '#8c8c8c')}{bar(row.cache_gb, '#1f77b4')}"
+            f'<span style="position: absolute; left: {gpu_gb * scale:.0f}px; top: 0; '
+            f'bottom: 0; border-left: 2px solid #d62728"></span></td>'
+            f'<td style="text-align: right">{size}</td>'
+            f"<td>{html.escape(row.note)}</td></tr>")
+    head = (f"<caption>one GPU of {gpu_gb} GB (red line), tensor parallel over {tp}: weights "
+            f"(grey) and the cache of {batch_size:,} sequence(s) of {context_len:,} tokens in "
+            f"{dtype} (blue)</caption>")
+    return (f'<div style="overflow-x: auto; max-width: 100%"><table style="font-size: 13px">'
+            f"{head}{''.join(body)}</table></div>")

@@ -127,21 +127,21 @@ def draw_pool(ax: Axes, snap: PoolSnapshot) -> None:
         edge = COPIED if b in snap.copied else "black"
         ax.add_patch(Rectangle((x, pool_y), bs, 1, fill=False, edgecolor=edge,
                                lw=3 if b in snap.copied else 1))
-        ax.text(x + bs / 2, pool_y + 1.1, f"#{b}", ha="center", va="bottom", fontsize=9)
+        ax.text(x + bs / 2, pool_y + 1.1, f"#{b}", ha="center", va="bottom", fontsize=10)
         ref = snap.ref_counts[b]
         note = f"ref {ref}" if ref else ("cached" if snap.cached[b] else "free")
-        ax.text(x + bs / 2, pool_y - 0.1, note, ha="center", va="top", fontsize=8,
-                color="black" if ref else "#888888", weight="bold" if ref > 1 else "normal")
+        ax.text(x + bs / 2, pool_y - 0.1, note, ha="center", va="top", fontsize=9.5,
+                color="black" if ref else "#777777", weight="bold" if ref > 1 else "normal")
     for row, (s, table) in enumerate(sorted(snap.block_tables.items())):
         y = table_y - row_h * row
-        ax.text(-0.5, y + 0.45, f"seq {s} ({snap.lengths[s]} tokens)", ha="right",
-                va="center", fontsize=9, color=seq_color(s))
+        ax.text(-0.5, y + 0.45, f"seq {s}\n{snap.lengths[s]} tokens", ha="right",
+                va="center", fontsize=10, color=seq_color(s), linespacing=1.0)
         for j, b in enumerate(table):
             x = j * width
             n = max(0, min(bs, snap.lengths[s] - j * bs))
             ax.add_patch(Rectangle((x, y), n, 0.9, facecolor=seq_color(s), alpha=0.35, lw=0))
             ax.add_patch(Rectangle((x, y), bs, 0.9, fill=False, edgecolor=seq_color(s), lw=1.2))
-            ax.text(x + bs / 2, y + 0.45, f"{j}→#{b}", ha="center", va="center", fontsize=8)
+            ax.text(x + bs / 2, y + 0.45, f"{j}→#{b}", ha="center", va="center", fontsize=9.5)
             ax.add_patch(FancyArrowPatch((x + bs / 2, y + 0.9), (b * width + bs / 2, pool_y - 0.6),
                                          arrowstyle="-|>", mutation_scale=7, lw=0.7,
                                          color=seq_color(s), alpha=0.45))
@@ -151,14 +151,18 @@ def draw_pool(ax: Axes, snap: PoolSnapshot) -> None:
     ax.axis("off")
     used = snap.num_blocks - snap.num_free
     title = f"pool: {used} of {snap.num_blocks} blocks in use, block size {bs}"
-    ax.set_title(f"{snap.caption}\n{title}" if snap.caption else title, fontsize=10, loc="left")
+    ax.set_title(f"{snap.caption}\n{title}" if snap.caption else title, loc="left")
 
 
-def pool_figure(snap: PoolSnapshot, width: float = 9.0) -> plt.Figure:
-    """A figure holding `draw_pool(snap)`, its height following the number of sequences."""
-    rows = len(snap.block_tables)
-    fig, ax = plt.subplots(figsize=(width, 1.6 + (0.55 * (rows + 1) if rows else 0)))
+def pool_figure(snap: PoolSnapshot, width: float = 7.0, max_rows: int = 0) -> plt.Figure:
+    """A figure holding `draw_pool(snap)`; its height fits the sequences, or `max_rows` of
+    them if larger (so that every step of a scenario draws at one size)."""
+    rows = max(len(snap.block_tables), max_rows)
+    fig, ax = plt.subplots(figsize=(width, 1.9 + (0.6 * (rows + 1) if rows else 0)))
     draw_pool(ax, snap)
+    if rows > len(snap.block_tables):  # keep the pool where the tallest step has it
+        top = ax.get_ylim()[1]
+        ax.set_ylim(top - 2.0 - 1.4 * rows - 0.3, top)
     return fig
 
 
@@ -179,14 +183,15 @@ def plot_scheme_bars(ax: Axes, results: Mapping[str, SchemeResult], *,
             bars.append((i + w / 2, r.utilization_in_flight, "///"))
         for x, u, hatch in bars:
             ax.bar(x, u, width=w, color=color, hatch=hatch, edgecolor="white" if hatch else color)
-            ax.text(x, u + 0.02, f"{u:.0%}", ha="center", va="bottom", fontsize=7)
+            ax.text(x, u + 0.02, f"{u:.0%}", ha="center", va="bottom", fontsize=9.5)
     ax.set_xticks(list(xs), names)
-    ax.set_ylim(0, 1.12)
-    ax.set_ylabel("reserved slots holding tokens")
+    ax.set_ylim(0, 1.15)
+    ax.yaxis.set_major_formatter(lambda v, _: f"{v:.0%}")
+    ax.set_ylabel("reserved slots holding tokens (%)")
     if in_flight:
         ax.bar(0, 0, color="#555555", label="at completion")
         ax.bar(0, 0, color="#555555", hatch="///", edgecolor="white", label="in flight")
-        ax.legend(fontsize=7, loc="upper left", frameon=False, ncol=2)
+        ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False, ncol=2)
 
 
 def plot_fits(ax: Axes, results: Mapping[str, SchemeResult], budget: int) -> None:
@@ -195,7 +200,7 @@ def plot_fits(ax: Axes, results: Mapping[str, SchemeResult], budget: int) -> Non
     counts = [results[s].fits for s in names]
     ax.bar(names, counts, color=[SCHEME_COLORS[s] for s in names])
     for i, c in enumerate(counts):
-        ax.text(i, c, f"{c:,}", ha="center", va="bottom", fontsize=7)
+        ax.text(i, c, f"{c:,}", ha="center", va="bottom", fontsize=9.5)
     ax.set_ylim(0, max(counts) * 1.15 + 1)
     ax.set_ylabel(f"requests in {budget:,} slots")
 
@@ -254,7 +259,7 @@ def plot_length_histogram(ax: Axes, lens: Sequence[int] | np.ndarray, label: str
 def _bar(share: float, color: str, hatch: bool = False) -> str:
     stripes = (f"background: repeating-linear-gradient(45deg, {color}, {color} 3px, "
                f"#ffffff 3px, #ffffff 5px)" if hatch else f"background: {color}")
-    return (f'<div style="width: 160px; background: #f0f0f0; display: inline-block; '
+    return (f'<div style="width: 110px; background: #f0f0f0; display: inline-block; '
             f'vertical-align: middle"><div style="width: {100 * share:.1f}%; height: 12px; '
             f'{stripes}"></div></div>')
 
@@ -277,7 +282,9 @@ def scheme_table_html(results: Mapping[str, SchemeResult], budget: int, title: s
     head = ("<tr><th>scheme</th><th>slots holding tokens, at completion</th>"
             f"<th>in flight</th><th>requests in {budget:,} slots</th></tr>")
     caption = f"<caption>{html.escape(title)}</caption>" if title else ""
-    return (f'<table style="font-size: 12px">{caption}{head}{"".join(rows)}</table>')
+    return (f'<div style="overflow-x: auto; max-width: 100%"><table style="font-size: 13px">'
+            f'{caption}{head}{"".join(rows)}</table></div>')  # scrolls sideways on a phone
+
 
 
 def draw_group_tables(ax: Axes, tables: Mapping[str, Sequence[int]], null_blocks: Mapping[str, int],
@@ -295,10 +302,10 @@ def draw_group_tables(ax: Axes, tables: Mapping[str, Sequence[int]], null_blocks
                                    edgecolor="#555555", lw=0.6, alpha=0.85 if held else 1))
             if len(table) <= 40:
                 ax.text(j + 0.46, y + 0.45, str(b) if held else "∅", ha="center",
-                        va="center", fontsize=7, color="white" if held else "#555555")
+                        va="center", fontsize=9.5, color="white" if held else "#555555")
         live = sum(b != null for b in table)
         ax.text(-0.4, y + 0.45, f"{name}\n{live} of {len(table)} held", ha="right",
-                va="center", fontsize=9)
+                va="center", fontsize=10)
     width = max(len(t) for t in tables.values())
     ax.set_xlim(-0.2, width + 0.2)
     ax.set_ylim(-1.3 * (len(tables) - 1) - 0.3, 1.2)

@@ -20,6 +20,7 @@ from kvlib.experiments.batching import (
 )
 from kvlib.model import TransformerLM
 from kvlib.viz import batching as bviz
+from kvlib.viz import style
 from kvlib.widgets.live import live
 
 BLOCK_SIZE = 8
@@ -34,12 +35,11 @@ def _summary(trace: Trace) -> str:
 
 def schedule_figure(trace: Trace, title: str = "") -> Figure:
     """Timeline (one row per request) above block use, sharing the step axis."""
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 4.2), sharex=True,
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=style.size(0.68), sharex=True,
                                       gridspec_kw={"height_ratios": [2, 1]})
     bviz.draw_timeline(top, trace.metrics, trace.arrival_steps, title or _summary(trace))
     top.set_xlabel("")
     bviz.draw_block_use(bottom, trace.metrics, trace.num_blocks)
-    fig.tight_layout()
     return fig
 
 
@@ -73,21 +73,23 @@ def load_widget(traces: dict[tuple, Trace]):
 def draw_load_sweep(traces: dict[tuple, Trace]) -> Figure:
     """The whole sweep at a glance: mean TTFT and preemptions against the block budget."""
     rates, blocks, lengths = (sorted({k[i] for k in traces}, key=_order) for i in range(3))
-    fig, axes = plt.subplots(1, 2 * len(lengths), figsize=(3.2 * 2 * len(lengths), 2.6))
+    fig, axes = style.panels(2 * len(lengths), height=2.6, min_width=3.3)
     for j, kind in enumerate(lengths):
         ttft_ax, pre_ax = axes[2 * j], axes[2 * j + 1]
         for rate in rates:
             runs = [traces[rate, nb, kind] for nb in blocks]
             ttft = [np.mean(step_latencies(t)["ttft"]) for t in runs]
-            ttft_ax.plot(blocks, ttft, "o-", label=f"{rate:g} req/step")
+            ttft_ax.plot(blocks, ttft, "o-", label=f"{rate:g} requests/step")
             pre_ax.plot(blocks, [t.metrics.num_preemptions for t in runs], "o-")
-        ttft_ax.set_title(f"{kind}: mean TTFT (steps)", fontsize=9)
-        pre_ax.set_title(f"{kind}: preemptions", fontsize=9)
+        ttft_ax.set_title(f"{kind}: mean time to first token")
+        ttft_ax.set_ylabel("TTFT (steps)")
+        pre_ax.set_title(f"{kind}: preemptions")
+        pre_ax.set_ylabel("preemptions (count)")
         for ax in (ttft_ax, pre_ax):
             ax.set_xlabel("blocks in the pool")
             ax.set_xticks(blocks)
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center",
+               ncol=len(rates), frameon=False)
     return fig
 
 
@@ -113,12 +115,11 @@ def budget_widget(traces: dict[tuple, Trace]):
     def render(token_budget: int, lengths: str) -> Figure:
         trace = traces[token_budget, lengths]
         lat = step_latencies(trace)
-        fig, ax = plt.subplots(figsize=(7, 2.6))
+        fig, ax = plt.subplots(figsize=style.size(0.4))
         bviz.draw_tokens_per_step(ax, trace.metrics, token_budget)
         largest = max(s.num_tokens for s in trace.metrics.steps)
         ax.set_title(f"{len(trace.metrics.steps)} steps · mean TTFT {np.mean(lat['ttft']):.1f} "
-                     f"steps · largest step {largest} tokens", fontsize=10)
-        fig.tight_layout()
+                     f"steps · largest step {largest} tokens")
         return fig
 
     return live(render, token_budget=budgets, lengths=lengths,
@@ -128,21 +129,22 @@ def budget_widget(traces: dict[tuple, Trace]):
 def draw_budget_sweep(traces: dict[tuple, Trace]) -> Figure:
     """Mean TTFT, the largest step and total steps against the token budget."""
     budgets, lengths = (sorted({k[i] for k in traces}, key=_order) for i in range(2))
-    fig, axes = plt.subplots(1, 3, figsize=(9.5, 2.6))
+    fig, axes = style.panels(3, height=2.7)
     for kind in lengths:
         runs = [traces[b, kind] for b in budgets]
         axes[0].plot(budgets, [np.mean(step_latencies(t)["ttft"]) for t in runs], "o-",
                      label=kind)
         axes[1].plot(budgets, [max(s.num_tokens for s in t.metrics.steps) for t in runs], "o-")
         axes[2].plot(budgets, [len(t.metrics.steps) for t in runs], "o-")
-    for ax, title in zip(axes, ("mean TTFT (steps)", "largest step (tokens)",
-                                "steps to finish all")):
+    for ax, title, unit in zip(axes, ("mean TTFT", "largest step", "all requests done"),
+                               ("steps", "tokens", "steps")):
         ax.set_xscale("log", base=2)
         ax.set_xticks(budgets, [str(b) for b in budgets])
-        ax.set_xlabel("token budget per step")
-        ax.set_title(title, fontsize=9)
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
+        ax.minorticks_off()
+        ax.set_xlabel("token budget (tokens)")
+        ax.set_ylabel(f"{title} ({unit})")
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center",
+               ncol=len(lengths), frameon=False)
     return fig
 
 

@@ -15,6 +15,7 @@ import torch
 from kvlib import analysis
 from kvlib.model import TransformerLM
 from kvlib.viz import decoding as dviz
+from kvlib.viz import style
 from kvlib.widgets.live import live
 
 
@@ -22,13 +23,15 @@ def attention_work_widget(context_lens: Sequence[int] = (1, 2, 4, 8, 16, 32)) ->
     """Slide S, the tokens already cached; see which scores the next decode step computes."""
 
     def render(S: int):
-        fig, axes = plt.subplots(1, 2, figsize=(6, 3))
+        fig, axes = plt.subplots(1, 2, figsize=style.size(0.48, width=5.6))
         dviz.draw_attention_work(axes[0], S, cached=False)
         dviz.draw_attention_work(axes[1], S, cached=True)
-        fig.tight_layout()
         return fig
 
     return live(render, S=list(context_lens), defaults={"S": 8} if 8 in context_lens else None)
+
+
+STEP_COST_MODELS = ("gpt2", "smollm2-135m", "llama-3-8b", "llama-3-70b", "qwen3-8b")
 
 
 def step_cost_widget(presets: dict | None = None,
@@ -36,13 +39,16 @@ def step_cost_widget(presets: dict | None = None,
                      default: str = "llama-3-8b") -> W.VBox:
     """Pick a model and S; compare one decode step's FLOPs by part, with and without a cache.
 
-    Every state shares one x axis, so moving a control compares like with like.
+    Every state shares one x axis, so moving a control compares like with like. The models
+    default to `STEP_COST_MODELS` (presets of different sizes; presets that differ only in
+    their longest context would repeat each other's states).
     """
-    presets = dict(analysis.PRESETS if presets is None else presets)
+    presets = dict({n: analysis.PRESETS[n] for n in STEP_COST_MODELS} if presets is None
+                   else presets)
     xlim = dviz.step_cost_range(presets, context_lens)
 
     def render(model: str, S: int):
-        fig, ax = plt.subplots(figsize=(6.5, 3.2))
+        fig, ax = plt.subplots(figsize=style.size(0.55))
         dviz.draw_step_cost_bars(ax, presets[model], S, xlim=xlim)
         return fig
 
@@ -62,7 +68,7 @@ def cache_fill_widget(model: TransformerLM, prompt: torch.Tensor, max_seq_len: i
     def render(generated: int):
         cache = model.new_cache(prompt.shape[0], max_seq_len)
         model.generate(prompt, generated, cache=cache)
-        fig, ax = plt.subplots(figsize=(7, 1.2))
+        fig, ax = plt.subplots(figsize=style.size(0.2))
         dviz.draw_cache_fill(ax, prompt_len, int(cache.lengths([0])), max_seq_len)
         return fig
 

@@ -16,9 +16,13 @@ from kvlib import analysis
 from kvlib.cache.flat import FlatKVCache
 from kvlib.config import CacheConfig, Layout, ModelConfig
 from kvlib.viz import layouts as lviz
+from kvlib.viz import style
 from kvlib.widgets.live import figure_html, live
 
 CALCULATOR_DTYPES = ("fp32", "bf16", "fp8")
+# Every preset but Llama 3's, whose tables Llama 3.1's repeat up to their 8,192 tokens.
+CALCULATOR_MODELS = ("gpt2", "smollm2-135m", "mistral-7b-v0.2", "llama-3.1-8b",
+                     "llama-3.1-70b", "qwen3-8b")
 
 
 def format_bytes(n: float) -> str:
@@ -59,15 +63,18 @@ def cache_size_table(cfg: ModelConfig, context_len: int, batch_size: int,
         note = (f"<p><i>{html.escape(cfg.name)} was trained for {cfg.max_seq_len:,} tokens of "
                 f"context: longer is hypothetical for it.</i></p>")
     return (f"<p>{html.escape(formula)}</p>"
-            f'<table class="kv-calculator"><tr><th></th>{heads}</tr>{body}</table>{note}')
+            f'<div style="overflow-x: auto; max-width: 100%">'  # scrolls sideways on a phone
+            f'<table class="kv-calculator"><tr><th></th>{heads}</tr>{body}</table></div>{note}')
 
 
 def cache_calculator(presets: dict | None = None,
                      context_lens: Sequence[int] = (1024, 8192, 32768, 131072),
                      batch_sizes: Sequence[int] = (1, 8, 64),
-                     default: str = "llama-3-8b") -> W.VBox:
-    """Model, context length and batch in; the cache in three dtypes (and weights) out."""
-    presets = dict(analysis.PRESETS if presets is None else presets)
+                     default: str = "llama-3.1-8b") -> W.VBox:
+    """Model, context length and batch in; the cache in three dtypes (and weights) out.
+    The models default to `CALCULATOR_MODELS`, so no two states show the same table."""
+    presets = dict({n: analysis.PRESETS[n] for n in CALCULATOR_MODELS} if presets is None
+                   else presets)
 
     def render(model: str, context: int, batch: int) -> str:
         return cache_size_table(presets[model], context, batch)
@@ -79,21 +86,22 @@ def cache_calculator(presets: dict | None = None,
                 batch=list(batch_sizes), defaults=defaults)
 
 
-def layout_state(layout: Layout, num_kv_heads: int, highlight_head: int,
+PER_ROW = 16  # cells per row of the memory strip: 44 CSS px each, room for "K0 / t3"
+
+
+def layout_state(layout: Layout, num_kv_heads: int, highlight_head: int = 0,
                  num_tokens: int = 4, max_kv_heads: int = 4) -> str:
     """HTML: one layer and slot of a real FlatKVCache's memory, and its key view's strides.
 
-    The x axis always has room for `max_kv_heads`, so the cells keep their size.
+    The strip has room for `max_kv_heads` in every state (rows of `PER_ROW` cells), so the
+    cells keep their size and the figure its height.
     """
     cache = FlatKVCache(CacheConfig(num_layers=1, num_kv_heads=num_kv_heads, head_dim=8,
                                     max_batch_size=1, max_seq_len=num_tokens, layout=layout))
-    fig, ax = plt.subplots(figsize=(9, 1.6))
+    rows = -(-2 * max_kv_heads * num_tokens // PER_ROW)
+    fig, ax = plt.subplots(figsize=(style.COLUMN_IN, 0.9 + 0.45 * rows))
     lviz.draw_layout(ax, layout, num_tokens=num_tokens, num_kv_heads=num_kv_heads,
-                     highlight_head=highlight_head)
-    ax.set_xlim(0, 2 * max_kv_heads * num_tokens)
-    if highlight_head >= num_kv_heads:
-        ax.set_title(f"{layout.value}: no head {highlight_head} with {num_kv_heads} KV "
-                     f"head{'s' if num_kv_heads > 1 else ''}, nothing outlined", fontsize=10)
+                     highlight_head=highlight_head, per_row=PER_ROW, min_rows=rows)
     keys = cache.keys(0)  # (B, Hkv, S, D)
     text = (f"cache.data.shape = {tuple(cache.data.shape)}\n"
             f"keys(0): shape (B, Hkv, S, D) = {tuple(keys.shape)}, strides = {keys.stride()}, "
@@ -101,14 +109,14 @@ def layout_state(layout: Layout, num_kv_heads: int, highlight_head: int,
     return figure_html(fig) + f"<pre>{html.escape(text)}</pre>"
 
 
-def layout_widget(kv_head_counts: Sequence[int] = (1, 2, 4),
-                  heads: Sequence[int] = (0, 1, 2, 3)) -> W.VBox:
-    """Switch layouts and KV heads, pick a head: see memory order and a real cache's strides."""
+def layout_widget(kv_head_counts: Sequence[int] = (1, 2, 4)) -> W.VBox:
+    """Switch layouts and KV heads: see memory order (head 0's keys outlined) and a real
+    cache's strides. Every state differs from every other (6 states)."""
     widest = max(kv_head_counts)
 
-    def render(layout: str, kv_heads: int, head: int) -> str:
-        return layout_state(Layout(layout), kv_heads, head, max_kv_heads=widest)
+    def render(layout: str, kv_heads: int) -> str:
+        return layout_state(Layout(layout), kv_heads, max_kv_heads=widest)
 
     return live(render, layout=[x.value for x in Layout], kv_heads=list(kv_head_counts),
-                head=list(heads), kinds={"layout": "toggle"},
+                kinds={"layout": "toggle"},
                 defaults={"kv_heads": 2} if 2 in kv_head_counts else None)

@@ -21,8 +21,15 @@ on the page at a time. The book's browser check (tests/browser) moves every cont
 widget and reads that label.
 
 Grid sizes multiply: keep each control to a handful of values chosen to keep what the widget
-teaches (powers of two for a context length, say), and render figures small. `MAX_STATES`
-guards against a grid that would make the page heavy.
+teaches (powers of two for a context length, say), and drop values whose state shows nothing
+another does not. `MAX_STATES` guards against a grid that would make the page heavy. Figures
+are drawn in the book's style (`kvlib.viz.style`), stored as 256-colour PNGs at `WIDGET_DPI`
+and shown at the size they were drawn, never wider than the page.
+
+The controls choose a child of a `Stack` (ipywidgets 8). Colab still ships ipywidgets 7,
+which has no `Stack`: there the same states sit in a `Tab` whose tab bar is hidden
+(`kv-stack`, styled by the HTML the widget carries), and the same `jslink` picks its
+`selected_index`, so `pip install kvlib` never needs a newer ipywidgets, nor a restart.
 """
 
 from __future__ import annotations
@@ -37,9 +44,13 @@ from typing import Any
 import ipywidgets as W
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
+from PIL import Image
+
+from kvlib.viz import style
 
 MAX_STATES = 160
-DPI = 72  # small PNGs: each state is embedded in the notebook and the HTML page
+FIT = "calc(100% - 8px)"  # the widest an image may be: its box, less ipywidgets' margins
+DPI = style.WIDGET_DPI  # each state is embedded in the notebook and the HTML page
 
 # CSS classes: the whole widget, and a state's label. tests/browser reads them to check that
 # moving a control shows the state it names.
@@ -65,22 +76,36 @@ def state_label(values: dict[str, Any]) -> str:
 
 
 def figure_png(fig: Figure, dpi: int = DPI) -> bytes:
-    """A figure as PNG bytes, then closed so that it is not also shown as a cell output."""
+    """A figure as a 256-colour PNG (a third of the bytes of a full-colour one, the same to
+    the eye), then closed so that it is not also shown as a cell output."""
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+    fig.savefig(buffer, format="png", dpi=dpi, facecolor="white")
     plt.close(fig)
-    return buffer.getvalue()
+    image = Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
+    small = io.BytesIO()
+    image.quantize(256, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE).save(
+        small, format="png")
+    return small.getvalue()
 
 
 def figure_html(fig: Figure, dpi: int = DPI) -> str:
-    """A figure as an `<img>` with the PNG inline (a data URL), then closed."""
+    """A figure as an `<img>` with the PNG inline (a data URL), shown at the size it was
+    drawn (`style.css_width`) and never wider than the page; then closed."""
+    width = style.css_width(fig)
     data = base64.b64encode(figure_png(fig, dpi)).decode("ascii")
-    return f'<img src="data:image/png;base64,{data}" alt="figure" style="max-width: 100%">'
+    return (f'<img src="data:image/png;base64,{data}" alt="figure" '
+            f'style="width: {width}px; max-width: {FIT}; height: auto">')
+
+
+def figure_image(fig: Figure, dpi: int = DPI) -> W.Image:
+    """A figure as an `Image` widget, shown like `figure_html`; then closed."""
+    layout = W.Layout(width=f"{style.css_width(fig)}px", max_width=FIT, height="auto")
+    return W.Image(value=figure_png(fig, dpi), format="png", layout=layout)
 
 
 def _as_widget(result: Any, values: dict[str, Any], dpi: int) -> W.Widget:
     if isinstance(result, Figure):
-        return W.Image(value=figure_png(result, dpi), format="png")
+        return figure_image(result, dpi)
     if isinstance(result, str):
         return W.HTML(result)
     if isinstance(result, W.Widget):
@@ -98,14 +123,18 @@ def _state(values: dict[str, Any], result: Any, dpi: int) -> W.VBox:
 def _control(name: str, options: Sequence[Any], kind: str, default: Any) -> W.Widget:
     labels = [(format_value(v), i) for i, v in enumerate(options)]
     index = list(options).index(default)
-    style = {"description_width": "initial"}
+    desc = {"description_width": "initial"}
+    fit = W.Layout(width="100%", max_width="460px")  # never wider than a phone's screen
     if kind == "slider":
-        return W.SelectionSlider(options=labels, value=index, description=name, style=style,
-                                 continuous_update=True, layout=W.Layout(width="420px"))
+        return W.SelectionSlider(options=labels, value=index, description=name, style=desc,
+                                 continuous_update=True, layout=fit)
     if kind == "dropdown":
-        return W.Dropdown(options=labels, value=index, description=name, style=style)
+        return W.Dropdown(options=labels, value=index, description=name, style=desc,
+                          layout=W.Layout(width="auto", max_width="100%"))
     if kind == "toggle":
-        return W.ToggleButtons(options=labels, value=index, description=name, style=style)
+        return W.ToggleButtons(options=labels, value=index, description=name,
+                               style={**desc, "button_width": "auto"},
+                               layout=W.Layout(max_width="100%"))
     raise AssertionError(f"unchecked control kind {kind!r}")  # live checks kinds first
 
 
@@ -177,20 +206,40 @@ def live(render: Callable[..., Any], *, kinds: dict[str, str] | None = None,
         for name in names
     ]
     states = {}
-    for point in itertools.product(*(range(len(grid[n])) for n in names)):
-        values = {n: grid[n][i] for n, i in zip(names, point)}
-        states[point] = _state(values, render(**values), dpi)
+    with style.context():  # the book's sizes and fonts, whatever the notebook's settings
+        for point in itertools.product(*(range(len(grid[n])) for n in names)):
+            values = {n: grid[n][i] for n, i in zip(names, point)}
+            states[point] = _state(values, render(**values), dpi)
 
     def nest(prefix: tuple[int, ...]) -> W.Widget:
         depth = len(prefix)
         if depth == len(names):
             return states[prefix]
         control = controls[depth]
-        stack = W.Stack([nest((*prefix, i)) for i in range(len(grid[names[depth]]))],
-                        selected_index=control.index)
+        stack = _stack([nest((*prefix, i)) for i in range(len(grid[names[depth]]))],
+                       control.index)
         W.jslink((control, "index"), (stack, "selected_index"))
         return stack
 
-    widget = W.VBox([W.VBox(controls), nest(())])
+    parts = [W.VBox(controls), nest(())]
+    if not hasattr(W, "Stack"):  # ipywidgets 7: hide the tab bars of the stand-in Tabs
+        parts.append(W.HTML(TAB_AS_STACK_CSS))
+    widget = W.VBox(parts)
     widget.add_class(WIDGET_CLASS)
     return widget
+
+
+# ipywidgets 7 (Colab's): a Tab stands in for a Stack; its tab bar is hidden, so the controls
+# alone choose what is shown.
+STACK_CLASS = "kv-stack"
+TAB_AS_STACK_CSS = (f"<style>.{STACK_CLASS} > .p-TabBar, .{STACK_CLASS} > .lm-TabBar "
+                    "{display: none !important}</style>")
+
+
+def _stack(children: list[W.Widget], selected_index: int) -> W.Widget:
+    """A Stack of `children` showing `selected_index`; a Tab without its bar on ipywidgets 7."""
+    if hasattr(W, "Stack"):
+        return W.Stack(children, selected_index=selected_index)
+    tab = W.Tab(children, selected_index=selected_index)
+    tab.add_class(STACK_CLASS)
+    return tab

@@ -95,11 +95,13 @@ def paged_scenario() -> tuple[list[pviz.PoolSnapshot], PagedKVCache]:
     return snaps, cache
 
 
-def scenario_widget(snapshots: Sequence[pviz.PoolSnapshot], width: float = 9.0) -> W.VBox:
-    """A step slider over `snapshots`, each state the pool and block tables at that step."""
+def scenario_widget(snapshots: Sequence[pviz.PoolSnapshot], width: float = 7.0) -> W.VBox:
+    """A step slider over `snapshots`, each state the pool and block tables at that step,
+    every one drawn at the size of the step with the most sequences."""
     if not snapshots:
         raise ValueError("scenario_widget needs at least one snapshot")
-    return live(lambda step: pviz.pool_figure(snapshots[step], width=width),
+    rows = max(len(s.block_tables) for s in snapshots)
+    return live(lambda step: pviz.pool_figure(snapshots[step], width=width, max_rows=rows),
                 step=list(range(len(snapshots))))
 
 
@@ -109,14 +111,13 @@ def simulator_figure(distribution: str, max_len: int, block_size: int, *,
     """One simulator state: utilization per scheme, and requests fitting in `budget` slots."""
     requests = fr.sample_requests(distribution, num_requests, max_len, seed=seed)
     results = fr.simulate(requests, max_len=max_len, block_size=block_size, budget=budget)
-    fig, (left, right) = plt.subplots(1, 2, figsize=(8, 2.6),
+    fig, (left, right) = plt.subplots(1, 2, figsize=(7.0, 3.2),
                                       gridspec_kw={"width_ratios": [3, 2]})
     pviz.plot_scheme_bars(left, results)
     pviz.plot_fits(right, results, budget)
     lens = requests.total_lens
     fig.suptitle(f"{distribution}: mean {lens.mean():.0f} tokens (prompt + output), max_len "
-                 f"{max_len:,}, paged blocks of {block_size}", fontsize=9)
-    fig.tight_layout()
+                 f"{max_len:,}, paged blocks of {block_size}")
     return fig
 
 

@@ -11,17 +11,26 @@ screenshot to _build/screenshots/<name>.png, and fails, naming the page, if:
 - a notebook page has no Colab launch link to its own .ipynb;
 - the page weighs 5 MB or more.
 Then the reader's test: every widget made with `kvlib.widgets.live` (found from its state
-labels, class `kv-live-state`) is moved through every value of every control as a reader would (keys on a slider, a choice in a
-dropdown, a click on a toggle button), and the test fails unless, after each move, the one
-visible state label (class `kv-live-state`) names exactly the values the controls show.
+labels, class `kv-live-state`) is moved through every value of every control as a reader
+would (keys on a slider, a choice in a dropdown, a click on a toggle button), and the test
+fails unless, after each move, the one visible state label (class `kv-live-state`) names
+exactly the values the controls show.
+And what a page looks like: no output is cut off or needs a scrollbar in the 1,280-pixel
+window (code cells and display equations may scroll); nothing but a table, a code block or
+an equation, each scrolling inside itself, is wider than a 400-pixel phone screen; no
+widget state shows what another state of the same widget shows; every external link in a
+chapter is one the bibliography (book/references) lists.
 Chromium is Debian's (`make test` installs it with apt when it can); Playwright never
 downloads a browser.
 """
 
 from __future__ import annotations
 
+import html
+import json
 import re
 import shutil
+from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -47,6 +56,8 @@ WIDGET_VIEW = 'script[type="application/vnd.jupyter.widget-view+json"]'
 STDERR_ERROR = re.compile(r"Traceback|Error\b|Exception\b|Warning\b")
 MAX_PAGE_BYTES = 5 * 2**20
 STATE_SETTLE_MS = 10_000  # how long a move may take to show its state
+PHONE_WIDTH = 400
+REFERENCES = "book/references"
 
 
 def toc_pages() -> list[str]:
@@ -123,6 +134,54 @@ FIND_PROBLEMS = """
 }
 """
 
+# Runs in the page: outputs, tables and widgets that do not fit the column (they scroll
+# sideways inside themselves or are cut off). Code (cells' source, listings) may scroll; math
+# is measured by MathJax's own boxes, whose few pixels of slack are not content.
+FIND_CLIPPED = """
+() => {
+  const describe = (el) => el.tagName.toLowerCase() + "." + String(el.className).split(" ")[0]
+    + ' "' + el.textContent.trim().replace(/\\s+/g, " ").slice(0, 60) + '"';
+  const found = [];
+  for (const el of document.querySelectorAll("article *")) {
+    if (!el.checkVisibility() || el.closest(".cell_input, mjx-container, .math")) continue;
+    const code = el.closest("div.highlight");  // a code block (a listing) may scroll;
+    if (code && !code.closest(".output.stream, .output.text_plain")) continue;  // printed text may not
+    const o = getComputedStyle(el).overflowX;
+    if (["auto", "scroll", "hidden"].includes(o) && el.scrollWidth > el.clientWidth + 2) {
+      found.push(describe(el) + ` (${el.scrollWidth} px in ${el.clientWidth})`);
+    }
+  }
+  for (const el of document.querySelectorAll('article mjx-container[display="true"]')) {
+    if (el.checkVisibility() && el.scrollWidth > el.clientWidth + 2) {
+      found.push("equation " + describe(el) + ` (${el.scrollWidth} px in ${el.clientWidth})`);
+    }
+  }
+  return found.slice(0, 12);
+}
+"""
+# Runs in the page: what sticks out of a phone's screen without scrolling inside a table, a
+# code block or an equation of its own.
+FIND_TOO_WIDE = """
+() => {
+  const vw = document.documentElement.clientWidth;
+  const scrolls = (el) => {
+    for (let a = el.parentElement; a; a = a.parentElement) {
+      if (["auto", "scroll"].includes(getComputedStyle(a).overflowX)) return true;
+    }
+    return false;
+  };
+  const found = [];
+  for (const el of document.querySelectorAll("article *")) {
+    if (!el.checkVisibility()) continue;
+    const r = el.getBoundingClientRect();
+    if (r.width > 0 && r.right > vw + 1 && !scrolls(el)) {
+      found.push(el.tagName.toLowerCase() + "." + String(el.className).split(" ")[0] + ' "'
+        + el.textContent.trim().replace(/\\s+/g, " ").slice(0, 60) + `" (to ${Math.round(r.right)} px)`);
+    }
+  }
+  return {page: document.scrollingElement.scrollWidth - vw, found: found.slice(0, 10)};
+}
+"""
 # True once the widget manager has filled every placeholder.
 WIDGETS_RENDERED = """
 (widgetView) => Array.from(document.querySelectorAll(widgetView)).every((s) => {
@@ -179,6 +238,7 @@ def test_page_renders_offline(browser, page_name: str) -> None:
             if not p.startswith("STDERR ") or STDERR_ERROR.search(p)
         ]
         problems = [p.replace("STDERR ", "error on stderr: ", 1) for p in problems]
+        problems += [f"cut off at 1,280 px: {c}" for c in page.evaluate(FIND_CLIPPED)]
         problems += [f"request over the network (the book must work offline): {u}" for u in network]
         problems += [f"local file missing: {m}" for m in missing]
         problems += [f"JavaScript error: {e}" for e in js_errors]
@@ -388,3 +448,143 @@ def test_every_control_of_every_widget_shows_the_state_it_names(browser, page_na
         context.close()
     if problems:
         pytest.fail(f"{page_name}.html:\n  " + "\n  ".join(problems), pytrace=False)
+
+
+@pytest.mark.parametrize("page_name", PAGES, ids=[Path(p).name for p in PAGES])
+def test_nothing_pushes_a_phone_screen_sideways(browser, page_name: str) -> None:
+    path = HTML / f"{page_name}.html"
+    if not path.exists():
+        pytest.fail(f"{path.relative_to(ROOT)} is missing: run `make book` first", pytrace=False)
+    context = browser.new_context(viewport={"width": PHONE_WIDTH, "height": 900})
+    page = context.new_page()
+    try:
+        page.goto(path.as_uri(), wait_until="load")
+        try:
+            page.wait_for_function(WIDGETS_RENDERED, arg=WIDGET_VIEW, timeout=20_000, polling=250)
+        except PlaywrightTimeout:  # test_page_renders_offline names what did not render
+            pass
+        page.evaluate(MATHJAX_DONE)
+        page.wait_for_timeout(300)
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(SHOTS / f"{Path(page_name).name}-{PHONE_WIDTH}.png"),
+                        full_page=True)
+        seen = page.evaluate(FIND_TOO_WIDE)
+    finally:
+        context.close()
+    problems = [f"wider than a {PHONE_WIDTH}-px screen: {f}" for f in seen["found"]]
+    if seen["page"] > 1:
+        problems.append(f"the page scrolls sideways by {seen['page']} px")
+    if problems:
+        pytest.fail(f"{page_name}.html:\n  " + "\n  ".join(problems), pytrace=False)
+
+
+# -- the saved HTML, read without a browser -------------------------------------------------
+
+class _Links(HTMLParser):
+    """The external links (http, https) inside a page's <article>."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.depth, self.links = 0, []
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "article" or self.depth:
+            self.depth += tag == "article"
+        href = dict(attrs).get("href") or ""
+        if self.depth and tag == "a" and urlparse(href).scheme in ("http", "https"):
+            self.links.append(href)
+
+    def handle_endtag(self, tag):
+        if tag == "article" and self.depth:
+            self.depth -= 1
+
+
+def external_links(path: Path) -> list[str]:
+    parser = _Links()
+    parser.feed(path.read_text())
+    return parser.links
+
+
+@pytest.mark.parametrize("page_name", [p for p in PAGES if p != REFERENCES],
+                         ids=[Path(p).name for p in PAGES if p != REFERENCES])
+def test_every_external_link_is_a_reference(page_name: str) -> None:
+    references = HTML / f"{REFERENCES}.html"
+    path = HTML / f"{page_name}.html"
+    for p in (references, path):
+        if not p.exists():
+            pytest.fail(f"{p.relative_to(ROOT)} is missing: run `make book` first",
+                        pytrace=False)
+    listed = set(external_links(references))
+    assert listed, "the bibliography page lists no links"
+    stray = sorted(set(external_links(path)) - listed)
+    assert not stray, (f"{page_name}.html links outside the bibliography (add the source to "
+                       f"references.bib and cite it): {stray[:8]}")
+
+
+def _widget_models(path: Path) -> dict[str, dict]:
+    """Every model of the page's saved widget state, by id."""
+    text = path.read_text()
+    models = {}
+    for block in re.findall(r'<script type="application/vnd.jupyter.widget-state\+json">'
+                            r"(.*?)</script>", text, re.DOTALL):
+        models.update(json.loads(html.unescape(block)).get("state", {}))
+    return models
+
+
+def _content(models: dict[str, dict], ref: str, seen=()) -> str:
+    """What a widget (by IPY_MODEL reference) shows: its kind, its own values and buffers,
+    and its children's, without ids, layouts or styles (which differ between equal states)."""
+    model_id = ref.replace("IPY_MODEL_", "")
+    model = models.get(model_id)
+    if model is None or model_id in seen:
+        return ref
+    state = {k: v for k, v in model["state"].items()
+             if k not in ("layout", "style", "_dom_classes", "tabbable", "tooltip")}
+
+    def resolve(value):
+        if isinstance(value, str) and value.startswith("IPY_MODEL_"):
+            return _content(models, value, (*seen, model_id))
+        if isinstance(value, list):
+            return [resolve(v) for v in value]
+        return value
+
+    buffers = [b.get("data", "") for b in model.get("buffers", [])]
+    return json.dumps([model["model_name"], {k: resolve(v) for k, v in state.items()},
+                       buffers], sort_keys=True)
+
+
+def live_widget_states(models: dict[str, dict]) -> list[list[tuple[str, str]]]:
+    """Per live widget (an outermost Stack), its states as (label, what it shows)."""
+    stacks = {i for i, m in models.items() if m["model_name"] == "StackModel"}
+    inner = {c.replace("IPY_MODEL_", "") for i in stacks
+             for c in models[i]["state"].get("children", [])}
+    widgets = []
+    for top in sorted(stacks - inner):
+        states, todo = [], [top]
+        while todo:
+            node = todo.pop()
+            if node in stacks:
+                todo += [c.replace("IPY_MODEL_", "") for c in models[node]["state"]["children"]]
+                continue
+            label, shown = models[node]["state"]["children"][:2]
+            label_text = models[label.replace("IPY_MODEL_", "")]["state"].get("value", "")
+            states.append((re.sub(r"<[^>]+>", "", label_text), _content(models, shown)))
+        widgets.append(states)
+    return widgets
+
+
+@pytest.mark.parametrize("page_name", PAGES, ids=[Path(p).name for p in PAGES])
+def test_no_widget_state_repeats_another(page_name: str) -> None:
+    path = HTML / f"{page_name}.html"
+    if not path.exists():
+        pytest.fail(f"{path.relative_to(ROOT)} is missing: run `make book` first", pytrace=False)
+    problems = []
+    for i, states in enumerate(live_widget_states(_widget_models(path)), start=1):
+        first: dict[str, str] = {}
+        for label, shown in states:
+            if shown in first:
+                problems.append(f"widget {i}: '{label}' shows what '{first[shown]}' shows")
+            first.setdefault(shown, label)
+    if problems:
+        pytest.fail(f"{page_name}.html: states that show nothing new (drop them from the "
+                    f"grid):\n  " + "\n  ".join(problems[:12]), pytrace=False)

@@ -1,0 +1,1 @@
+"""Several processes over torch.distributed: disaggregated prefill and decode, tensor parallelism."""

@@ -1,0 +1,51 @@
+"""Drawings of the book model's training run: loss curves, bits per byte beside compressors.
+
+`kvlib.book_model.training_run()` holds the numbers. Each draws on a given Axes, in the
+book's figure style (`viz.style`): no text smaller than the style's, units in the labels."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from matplotlib.axes import Axes
+
+from kvlib.viz.common import COLORS
+
+
+def plot_loss_curves(ax: Axes, record: Mapping[str, Any]) -> None:
+    """Training loss (mean over each logging window) and held-out loss, in nats per token,
+    against the step; a dotted line where the context grows."""
+    curve, val = record["training"]["curve"], record["training"]["val_curve"]
+    ax.plot(curve["step"], curve["train_loss"], color=COLORS["cached"], lw=1,
+            label="training batches")
+    ax.plot(val["step"], val["loss"], color=COLORS["uncached"], marker="o", ms=4,
+            label="held-out files")
+    step = 0
+    for phase in record["training"]["phases"][:-1]:
+        step += phase["steps"]
+        ax.axvline(step, color=COLORS["claim"], ls=":", lw=1.2)
+    seq_lens = " then ".join(f"{p['seq_len']:,}" for p in record["training"]["phases"])
+    ax.set_title(f"context {seq_lens} tokens (dotted)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats per token)")
+    ax.legend(frameon=False, loc="upper right")
+    ax.grid(True, alpha=0.3)
+
+
+def plot_bits_per_byte(ax: Axes, metrics: Mapping[str, Any]) -> None:
+    """Held-out bits per byte, one horizontal bar each: the model beside gzip -9 and xz -9 on
+    the same files, each file compressed alone and all of them concatenated."""
+    bars = {"model": metrics["bits_per_byte"]}
+    for name, figures in metrics["compressors_bits_per_byte"].items():
+        bars[f"{name}, per file"] = figures["per_file"]
+        bars[f"{name}, all files"] = figures["concatenated"]
+    colors = [COLORS["measured"]] + [COLORS["claim"]] * (len(bars) - 1)
+    rows = list(range(len(bars)))[::-1]  # the model on top
+    ax.barh(rows, list(bars.values()), color=colors)
+    for row, value in zip(rows, bars.values()):
+        ax.text(value, row, f" {value:.2f}", va="center")
+    ax.set_yticks(rows, list(bars))
+    ax.set_xlim(0, max(bars.values()) * 1.25)  # room for the numbers
+    ax.set_xlabel("bits per byte (lower is better)")
+    ax.set_title(f"{metrics['heldout_files']} held-out files, {metrics['heldout_bytes']:,} bytes")
