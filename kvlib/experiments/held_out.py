@@ -1,9 +1,9 @@
 """The book's trained model and text it never saw: held-out files and a copying probe.
 
-The book's model is a Hugging Face folder shipped inside kvlib (`CHECKPOINT`), trained on the
-Python standard library; its `training_run.json` names the files held out of training. They
-are read from the running interpreter's standard library, so every machine has them offline
-(a file this Python lacks is skipped). Each is framed as in training: the end-of-text token,
+The book's model is the Hugging Face folder shipped inside kvlib (`kvlib.book_model`), trained
+on the Python standard library; its `training_run.json` names the files held out of training.
+They are read from the running interpreter's standard library (`code_corpus`), so every
+machine has them offline (a file this Python lacks is skipped). Each is framed as in training: the end-of-text token,
 then the file's tokens.
 
 Copying also happens in the files themselves: code repeats names and phrases. `far_repeats`
@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import sysconfig
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,13 +32,14 @@ from typing import Any
 
 import torch
 
-from kvlib import hf
+from kvlib import book_model, hf
+from kvlib.experiments import code_corpus
 from kvlib.model import TransformerLM
 
-# The book's model, shipped inside kvlib. Point this at another folder of the same kind (a
+# The book's model, shipped inside kvlib. Point `load` at another folder of the same kind (a
 # Llama-family checkpoint with tokenizer.json and training_run.json) to measure that instead.
-CHECKPOINT = Path(__file__).resolve().parents[1] / "assets" / "stdlib-lm"
-EOS = "<|endoftext|>"
+CHECKPOINT = book_model.path()
+EOS = book_model.EOS
 
 
 @dataclass(frozen=True)
@@ -71,13 +71,12 @@ def heldout_files(book: BookModel, min_tokens: int, max_files: int | None = None
                   ) -> dict[str, list[int]]:
     """name -> [eos] + the first `min_tokens - 1` tokens, for the held-out files with at
     least that many, in the record's order."""
-    root = Path(sysconfig.get_paths()["stdlib"])
+    root = code_corpus.stdlib_root()
     out: dict[str, list[int]] = {}
     for name in book.record["corpus"]["heldout"]:
-        path = root / name
-        if not path.is_file():
+        if not (root / name).is_file():
             continue
-        ids = book.tokenizer.encode(path.read_bytes().decode("utf-8")).ids
+        ids = book.tokenizer.encode(code_corpus.read_source(name, root)).ids
         if len(ids) >= min_tokens - 1:
             out[name] = [book.eos_id, *ids[:min_tokens - 1]]
         if max_files is not None and len(out) == max_files:
