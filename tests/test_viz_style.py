@@ -195,7 +195,7 @@ DRAWINGS = {
         axes, {c: decode_cost(_MLA, 1024, c) for c in ("expanded", "naive", "absorbed")},
         1024), 2),
     "first_token_attention": _one(lambda ax: sviz.plot_first_token_attention(
-        ax, torch.rand(4, 4), 512)),
+        ax, torch.rand(4, 4) * 0.01, 0.007)),
     "budget_curves": _one(lambda ax: sviz.plot_budget_curves(ax, _BUDGET_RECORDS, "bpb",
                                                              "decode")),
     "kept": _one(lambda ax: sviz.draw_kept(ax, torch.rand(4, 2, 128) < 0.3, 16, "SnapKV")),

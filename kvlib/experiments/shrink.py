@@ -288,6 +288,16 @@ def first_token_attention(model: TransformerLM, ids: Sequence[int] | torch.Tenso
     return torch.stack(shares)  # (L, H)
 
 
+def uniform_first_token_share(num_tokens: int, start: int = 16) -> float:
+    """The mean attention on token 0 over queries `start`..S-1 if each spread its attention
+    evenly over its keys (query t: 1 / (t + 1)): what `first_token_attention` compares with.
+
+    >>> round(uniform_first_token_share(4, start=1), 4)  # (1/2 + 1/3 + 1/4) / 3
+    0.3611
+    """
+    return sum(1 / (t + 1) for t in range(start, num_tokens)) / (num_tokens - start)
+
+
 # ---------------------------------------------------------------------------------------------
 # What a run costs in quality
 # ---------------------------------------------------------------------------------------------

@@ -75,19 +75,20 @@ def draw_kept(ax: Axes, kept: torch.Tensor, block_size: int, title: str) -> None
                  f"{free:.0%} of blocks free")
 
 
-def plot_first_token_attention(ax: Axes, shares: torch.Tensor, context: int) -> None:
-    """Each head's mean attention on the first token, per layer (bars), against what a
-    uniform spread over `context` keys would give it. shares: (L, H)."""
+def plot_first_token_attention(ax: Axes, shares: torch.Tensor, uniform: float) -> None:
+    """Each head's mean attention on the first token, per layer (bars), against `uniform`,
+    what spreading every query's attention evenly over its keys would give it
+    (`shrink.uniform_first_token_share`). shares: (L, H)."""
     L, H = shares.shape
     width = 0.8 / H
     for h in range(H):
         ax.bar(np.arange(L) + (h - (H - 1) / 2) * width, shares[:, h].numpy(), width,
                label=f"head {h}")
-    ax.axhline(2 / context, color="black", ls="--", lw=0.8,
-               label="uniform over the context")
+    ax.axhline(uniform, color="black", ls="--", lw=0.8, label="uniform over the keys")
     ax.set_xticks(range(L), [f"layer {i}" for i in range(L)])
     ax.set_ylabel("attention on token 0")
-    ax.set_ylim(0, 1)
+    ax.yaxis.set_major_formatter(lambda y, _: f"{y:.2%}")
+    ax.set_ylim(0, max(float(shares.max()), uniform) * 1.5)
     ax.legend(ncols=min(H + 1, 3))
 
 
@@ -107,9 +108,10 @@ def plot_mla_costs(axes: Sequence[Axes], costs: Mapping[str, DecodeCost], contex
     axes[1].bar(x, flops, color="#d62728")
     axes[1].set_yscale("log")
     axes[1].set_ylabel("GFLOP")
+    axes[1].set_ylim(top=flops.max() * 30)  # room for the labels above the bars
     for ax, title in zip(axes, ("read", "computed")):
         ax.set_xticks(x, names)
-        ax.set_title(f"{title}, one layer at {context:,} tokens")
+        ax.set_title(f"{title}, one layer, {context:,} tokens")
     for i, n in enumerate(names):
         axes[1].annotate(f"{costs[n].flops_per_cache_byte:,.0f} per\ncache byte", (i, flops[i]),
                          ha="center", va="bottom", fontsize=9.5)
