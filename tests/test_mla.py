@@ -139,9 +139,11 @@ def test_caches_that_cannot_hold_latent_rows_say_so():
     config = m.cache_config(1, 64)
     with pytest.raises(ValueError, match="ring"):
         RingKVCache(config)
-    quant = KVQuantConfig(QuantScheme("int8", "token"), QuantScheme("int8", "token"), window=0)
+    quant = KVQuantConfig(QuantScheme("int8", "token"), QuantScheme("int8", "token"), residual=0)
     with pytest.raises(ValueError, match="latent"):
         QuantizedKVCache(config, quant)
+    with pytest.raises(ValueError, match="codes only keys and values"):
+        m.cache_config(1, 64, kv_cache_dtype="int8")
     with pytest.raises(ValueError, match="num_kv_heads must be 1"):
         CacheConfig(num_layers=1, num_kv_heads=2, head_dim=8, max_batch_size=1,
                     max_seq_len=8, latent_dim=4)
