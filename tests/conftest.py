@@ -116,3 +116,34 @@ def unit_scale_model(seed: int, *, random_norms: bool = False, **fields) -> Tran
                     if name.endswith("norm.weight"):
                         param.copy_(0.5 + torch.rand(param.shape, generator=gen))
     return model.eval().requires_grad_(False)
+
+
+@pytest.fixture
+def no_tensor_reads(monkeypatch):
+    """Fail the test if any tensor data is read (headers may be): a checkpoint is checked
+    before any of its tensors is copied."""
+    import safetensors
+
+    real = safetensors.safe_open
+
+    class Spy:
+        def __init__(self, *args, **kwargs):
+            self.inner = real(*args, **kwargs)
+
+        def __enter__(self):
+            self.inner.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.inner.__exit__(*exc)
+
+        def keys(self):
+            return self.inner.keys()
+
+        def get_slice(self, name):
+            return self.inner.get_slice(name)
+
+        def get_tensor(self, name):
+            raise AssertionError(f"tensor {name} read before the checkpoint was checked")
+
+    monkeypatch.setattr(safetensors, "safe_open", Spy)

@@ -186,36 +186,6 @@ def edit_config(folder: Path, **changes) -> None:
     path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
 
 
-@pytest.fixture
-def no_tensor_reads(monkeypatch):
-    """Fail the test if any tensor data is read (headers may be)."""
-    import safetensors
-
-    real = safetensors.safe_open
-
-    class Spy:
-        def __init__(self, *args, **kwargs):
-            self.inner = real(*args, **kwargs)
-
-        def __enter__(self):
-            self.inner.__enter__()
-            return self
-
-        def __exit__(self, *exc):
-            return self.inner.__exit__(*exc)
-
-        def keys(self):
-            return self.inner.keys()
-
-        def get_slice(self, name):
-            return self.inner.get_slice(name)
-
-        def get_tensor(self, name):
-            raise AssertionError(f"tensor {name} read before the checkpoint was checked")
-
-    monkeypatch.setattr(safetensors, "safe_open", Spy)
-
-
 def test_missing_shard_is_named(folder, no_tensor_reads):
     shard = sorted(folder.glob("model-*.safetensors"))[1]
     shard.unlink()

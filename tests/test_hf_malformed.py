@@ -47,33 +47,8 @@ def single(hf_model, tmp_path) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def no_tensor_reads(monkeypatch):
-    """Fail the test if any tensor data is read: every refusal comes from headers alone."""
-    import safetensors
-
-    real = safetensors.safe_open
-
-    class HeadersOnly:
-        def __init__(self, *args, **kwargs):
-            self.inner = real(*args, **kwargs)
-
-        def __enter__(self):
-            self.inner.__enter__()
-            return self
-
-        def __exit__(self, *exc):
-            return self.inner.__exit__(*exc)
-
-        def keys(self):
-            return self.inner.keys()
-
-        def get_slice(self, name):
-            return self.inner.get_slice(name)
-
-        def get_tensor(self, name):
-            raise AssertionError(f"tensor {name} read before the checkpoint was checked")
-
-    monkeypatch.setattr(safetensors, "safe_open", HeadersOnly)
+def headers_only(no_tensor_reads):
+    """Every refusal here comes from headers alone (conftest's no_tensor_reads)."""
 
 
 def refused(folder: Path, *patterns: str) -> str:
