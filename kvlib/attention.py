@@ -68,9 +68,11 @@ def attention_mask(q_positions: torch.Tensor, kv_lens: torch.Tensor, num_keys: i
 
 
 def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
+    # NOTE: values may be narrower than keys (Dv != D): latent attention's values are the
+    # first R numbers of each cached row (kvlib.mla)
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or v.shape[:3] != k.shape[:3]:
         raise ValueError(
-            "expected q (B, H, T, D) and k, v (B, Hkv, S, D) of equal shape, got "
+            "expected q (B, H, T, D), k (B, Hkv, S, D) and v (B, Hkv, S, Dv), got "
             f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
         )
     (B, H, _, D), (Bk, Hkv, _, Dk) = q.shape, k.shape
@@ -96,7 +98,8 @@ def attention(
 
     Args:
         q: (B, H, T, D) queries.
-        k, v: (B, Hkv, S, D) keys and values; any strides (a view into a cache is fine).
+        k, v: (B, Hkv, S, D) keys and (B, Hkv, S, Dv) values (Dv = D but for latent
+            attention); any strides (a view into a cache is fine).
         q_positions: (B, T) absolute position of each query.
         kv_lens: (B,) number of valid keys per row; keys at j >= kv_lens[b] are padding.
         window: a sliding window W, or None: keys more than W - 1 positions back are hidden.
@@ -104,7 +107,7 @@ def attention(
         sink_tokens: with a window, the first positions that stay visible (StreamingLLM).
 
     Returns:
-        (B, H, T, D) attention output, in q's dtype.
+        (B, H, T, Dv) attention output, in q's dtype.
     """
     _check_qkv(q, k, v)
     B, H, T, D = q.shape
@@ -124,8 +127,8 @@ def attention(
     mask = attention_mask(q_positions, kv_lens, S, window, key_start, sink_tokens)  # (B, T, S)
     scores = scores.masked_fill(~mask[:, None, None], float("-inf"))
     probs = torch.softmax(scores, dim=-1).to(v.dtype)  # (B, Hkv, G, T, S)
-    out = torch.matmul(probs.view(B, Hkv, G * T, S), v)  # (B, Hkv, G*T, D)
-    return out.reshape(B, H, T, D)
+    out = torch.matmul(probs.view(B, Hkv, G * T, S), v)  # (B, Hkv, G*T, Dv)
+    return out.reshape(B, H, T, v.shape[-1])  # (B, H, T, Dv)
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

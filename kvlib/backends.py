@@ -39,6 +39,8 @@ BACKENDS: dict[str, Backend] = {}
 # Backends that honour a view's sliding `window`, its sink tokens and a ring's `key_start`;
 # any other is refused such a view rather than let attend to keys the layer must not see.
 WINDOWED_BACKENDS = {"reference", "sdpa", "fast", "triton"}
+# Backends that read values narrower than keys (latent attention's rows, kvlib.mla).
+NARROW_VALUE_BACKENDS = {"reference", "sdpa", "fast", "triton"}
 
 
 def register(name: str, fn: Backend) -> Backend:
@@ -58,6 +60,10 @@ def attend(q: torch.Tensor, kv: KVView, batch: StepBatch, backend: str = "refere
     if windowed and backend not in WINDOWED_BACKENDS:
         raise ValueError(f"backend {backend!r} does not implement sliding windows (this "
                          f"layer's window: {kv.window}); use one of {sorted(WINDOWED_BACKENDS)}")
+    narrow = (kv.v_pool if isinstance(kv, PagedKV) else kv.v).shape[-1] != q.shape[-1]
+    if narrow and backend not in NARROW_VALUE_BACKENDS:
+        raise ValueError(f"backend {backend!r} needs values as wide as keys (latent attention's "
+                         f"are not); use one of {sorted(NARROW_VALUE_BACKENDS)}")
     return BACKENDS[backend](q, kv, batch)
 
 
@@ -76,8 +82,8 @@ def _per_sequence(q: torch.Tensor, dense: DenseKV, batch: StepBatch,
         B = batch.num_seqs
         qb = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
         out = fn(qb, dense.k, dense.v, batch.positions.view(B, T), dense.context_lens,
-                 key_start=starts)
-        return out.transpose(1, 2).reshape(N, H, D)
+                 key_start=starts)  # (B, H, T, Dv)
+        return out.transpose(1, 2).reshape(N, H, -1)  # (N, H, Dv)
     outs = []
     cu = batch.query_starts
     for b in range(batch.num_seqs):
@@ -87,8 +93,8 @@ def _per_sequence(q: torch.Tensor, dense: DenseKV, batch: StepBatch,
         kb, vb = dense.k[b:b + 1, :, :n], dense.v[b:b + 1, :, :n]  # (1, Hkv, n, D)
         out = fn(qb, kb, vb, batch.positions[cu[b]:cu[b + 1]][None], dense.context_lens[b:b + 1],
                  key_start=None if starts is None else starts[b:b + 1])
-        outs.append(out[0].transpose(0, 1))  # (T_b, H, D)
-    return torch.cat(outs)  # (N, H, D)
+        outs.append(out[0].transpose(0, 1))  # (T_b, H, Dv)
+    return torch.cat(outs)  # (N, H, Dv)
 
 
 def reference(q: torch.Tensor, kv: KVView, batch: StepBatch) -> torch.Tensor:
@@ -112,6 +118,13 @@ def sdpa(q: torch.Tensor, kv: KVView, batch: StepBatch) -> torch.Tensor:
                                                        sink_tokens=kv.sink_tokens))
 
 
+def _kernel_reads(kv: KVView) -> bool:
+    """Whether the paged kernels read this view in place: blocks, with keys and values of one
+    width (a latent cache's values are narrower: it goes to sdpa; FlashMLA is the kernel that
+    reads latent rows in place)."""
+    return isinstance(kv, PagedKV) and kv.v_pool.shape[-1] == kv.k_pool.shape[-1]
+
+
 def triton(q: torch.Tensor, kv: KVView, batch: StepBatch) -> torch.Tensor:
     """The Triton kernels over a paged view, read in place: a pure decode step through the
     split decode kernel (`kvlib.kernels.paged_decode`), any other step -- prompt chunks beside
@@ -123,7 +136,7 @@ def triton(q: torch.Tensor, kv: KVView, batch: StepBatch) -> torch.Tensor:
     from kvlib.kernels.paged_decode_int8 import paged_decode_quantized
     from kvlib.kernels.paged_prefill import paged_prefill_triton
 
-    if not (isinstance(kv, PagedKV) and supports_block_size(kv.block_size)):
+    if not (_kernel_reads(kv) and supports_block_size(kv.block_size)):
         return sdpa(q, kv, batch)
     which = {"window": kv.window, "sink_tokens": kv.sink_tokens}
     if batch.uniform_len == 1 and kv.k_scale is None:
@@ -147,7 +160,7 @@ def fast(q: torch.Tensor, kv: KVView, batch: StepBatch) -> torch.Tensor:
     """
     if q.device.type == "cuda":
         return triton(q, kv, batch)
-    if not isinstance(kv, PagedKV) or kv.k_scale is not None:  # numba reads floats only
+    if not _kernel_reads(kv) or kv.k_scale is not None:  # numba reads floats only
         return sdpa(q, kv, batch)
     from kvlib.kernels.paged_decode_cpu import paged_decode_numba
 

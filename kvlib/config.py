@@ -79,6 +79,11 @@ class ModelConfig:
     sliding_window: int | None = None  # None: every layer attends to all earlier keys
     sliding_layers: tuple[int, ...] | None = None  # layers with the window; None: all of them
     sink_tokens: int = 0  # windowed layers also always see the first k positions (StreamingLLM)
+    kv_lora_rank: int = 0  # R: MLA's latent per token and layer; 0: K and V per KV head
+    qk_rope_head_dim: int = 0  # P: MLA's rotary part of each query and key (one key for all heads)
+    qk_nope_head_dim: int = 0  # MLA's part of each head's query and key without rotation
+    v_head_dim: int = 0  # MLA's value dim per head
+    q_lora_rank: int = 0  # MLA's query bottleneck; 0: queries straight from the hidden state
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self) -> None:
@@ -87,6 +92,7 @@ class ModelConfig:
             require_int(f"ModelConfig.{name}", getattr(self, name), minimum=1)
         for name in ("head_dim", "ffn_dim"):  # 0: derived below
             require_int(f"ModelConfig.{name} (0: derive it)", getattr(self, name), minimum=0)
+        self._check_latent()
         if self.head_dim == 0:
             _require(
                 self.d_model % self.num_heads == 0,
@@ -109,6 +115,44 @@ class ModelConfig:
             _require(isinstance(getattr(self, name), bool),
                      f"ModelConfig.{name} must be a bool, got {getattr(self, name)!r}")
         self._check_window()
+
+    def _check_latent(self) -> None:
+        names = ("kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim",
+                 "q_lora_rank")
+        for name in names:
+            require_int(f"ModelConfig.{name}", getattr(self, name), minimum=0)
+        if not self.kv_lora_rank:
+            _require(not any(getattr(self, n) for n in names[1:]),
+                     "ModelConfig: qk_rope_head_dim, qk_nope_head_dim, v_head_dim and "
+                     "q_lora_rank are latent attention's; give kv_lora_rank too")
+            return
+        for name in names[1:4]:
+            require_int(f"ModelConfig.{name}", getattr(self, name), minimum=1)
+        _require(self.qk_rope_head_dim % 2 == 0, f"ModelConfig.qk_rope_head_dim must be even "
+                 f"for rotary embeddings, got {self.qk_rope_head_dim}")
+        qk = self.qk_nope_head_dim + self.qk_rope_head_dim
+        _require(self.head_dim in (0, qk), f"ModelConfig.head_dim {self.head_dim} must be "
+                 f"qk_nope_head_dim + qk_rope_head_dim = {qk} with latent attention")
+        object.__setattr__(self, "head_dim", qk)
+        _require(self.num_kv_heads == self.num_heads and not self.qkv_bias,
+                 f"ModelConfig: latent attention expands a key and a value for every head "
+                 f"(num_kv_heads must equal num_heads, {self.num_heads}; got "
+                 f"{self.num_kv_heads}) and has no q, k, v biases")
+
+    @property
+    def is_latent(self) -> bool:
+        """Whether the layers are multi-head latent attention (`kv_lora_rank` > 0)."""
+        return self.kv_lora_rank > 0
+
+    @property
+    def cache_kv_heads(self) -> int:
+        """KV heads a cache stores per token and layer: 1 latent row under MLA."""
+        return 1 if self.is_latent else self.num_kv_heads
+
+    @property
+    def cache_head_dim(self) -> int:
+        """Numbers per cached head: the latent and the rotary key (R + P) under MLA."""
+        return self.kv_lora_rank + self.qk_rope_head_dim if self.is_latent else self.head_dim
 
     def _check_window(self) -> None:
         if self.sliding_window is not None:
@@ -161,10 +205,23 @@ class CacheConfig:
     attention with every view, and may drop what no query reads again; the model refuses a
     cache whose windows are not its own.
 
+    What one token's row is. By default a cache stores two rows per token, layer and KV
+    head: a key and a value of `head_dim` numbers each (`kv_parts` = 2). With `latent_dim`
+    R > 0 it stores ONE row per token and layer (multi-head latent attention, `kvlib.mla`):
+    `num_kv_heads` is 1 and `head_dim` is R + P, the latent (R numbers) followed by the
+    rotary key (P). Attention reads the whole row as the key and its first R numbers as the
+    value, so nothing is stored twice (vLLM's MLA cache holds the same one row of
+    `kv_lora_rank + qk_rope_head_dim`). Storage keeps one part where it kept two
+    (`kv_parts` = 1); writes pass the row as `k` and no `v`.
+
     >>> cfg = ModelConfig(vocab_size=10, d_model=8, num_layers=2, num_heads=2, num_kv_heads=1,
     ...                   sliding_window=4, sliding_layers=(0,))
     >>> CacheConfig.for_model(cfg, max_batch_size=1, max_seq_len=16).layer_windows
     (4, None)
+    >>> latent = CacheConfig(num_layers=61, num_kv_heads=1, head_dim=512 + 64, max_batch_size=1,
+    ...                      max_seq_len=16, latent_dim=512, dtype=torch.bfloat16)
+    >>> latent.kv_parts, latent.value_dim, latent.bytes_per_token   # DeepSeek-V3: 61 x 576 x 2
+    (1, 512, 70272)
     """
 
     num_layers: int
@@ -178,6 +235,7 @@ class CacheConfig:
     block_size: int = 16
     layer_windows: tuple[int | None, ...] = ()  # a window W per layer, or None; (): none at all
     sink_tokens: int = 0  # first positions windowed layers always read
+    latent_dim: int = 0  # R > 0: one row per token (MLA's latent + rotary key); 0: K and V
     # How a paged cache stores keys and values: "auto" in `dtype`; "int8" or "fp8_e4m3" as one
     # code per number and a float32 scale per (token, KV head), what the fused kernels read.
     kv_cache_dtype: str = "auto"
@@ -199,9 +257,19 @@ class CacheConfig:
         require_int("CacheConfig.sink_tokens", self.sink_tokens, minimum=0)
         _require(self.sink_tokens == 0 or bool(windows),
                  f"CacheConfig.sink_tokens {self.sink_tokens} given without layer_windows")
+        require_int("CacheConfig.latent_dim", self.latent_dim, minimum=0)
+        _require(self.latent_dim <= self.head_dim,
+                 f"CacheConfig.latent_dim must be in [0, head_dim={self.head_dim}], got "
+                 f"{self.latent_dim}")
+        _require(not self.latent_dim or self.num_kv_heads == 1,
+                 f"CacheConfig.latent_dim {self.latent_dim}: a latent row serves every head, "
+                 f"so num_kv_heads must be 1, got {self.num_kv_heads}")
         _require(self.kv_cache_dtype in KV_CODE_DTYPES,
                  f"CacheConfig.kv_cache_dtype must be one of {sorted(KV_CODE_DTYPES)}, got "
                  f"{self.kv_cache_dtype!r}")
+        _require(not (self.latent_dim and self.code_dtype is not None),
+                 f"CacheConfig: a latent row (latent_dim {self.latent_dim}) is stored in "
+                 f"`dtype`; kv_cache_dtype {self.kv_cache_dtype!r} codes only keys and values")
         _require(isinstance(self.dtype, torch.dtype) and self.dtype.is_floating_point,
                  f"CacheConfig.dtype must be a floating torch.dtype, got {self.dtype!r}")
         try:
@@ -217,11 +285,12 @@ class CacheConfig:
     @classmethod
     def for_model(cls, model: ModelConfig, *, max_batch_size: int, max_seq_len: int,
                   **kwargs) -> CacheConfig:
-        """A cache config with the model's layers, KV heads, head dim, windows and sinks."""
+        """A cache config with the model's layers, cached heads and row (a latent row under
+        MLA), windows and sinks."""
         kwargs = {"layer_windows": model.layer_windows, "sink_tokens": model.sink_tokens,
-                  **kwargs}
-        return cls(num_layers=model.num_layers, num_kv_heads=model.num_kv_heads,
-                   head_dim=model.head_dim, max_batch_size=max_batch_size,
+                  "latent_dim": model.kv_lora_rank, **kwargs}
+        return cls(num_layers=model.num_layers, num_kv_heads=model.cache_kv_heads,
+                   head_dim=model.cache_head_dim, max_batch_size=max_batch_size,
                    max_seq_len=max_seq_len, **kwargs)
 
     @property
@@ -234,19 +303,30 @@ class CacheConfig:
         return self.layer_windows[layer] if self.layer_windows else None
 
     @property
+    def kv_parts(self) -> int:
+        """Rows stored per token, layer and head: 2 (a key and a value), 1 (a latent row)."""
+        return 1 if self.latent_dim else 2
+
+    @property
+    def value_dim(self) -> int:
+        """Numbers in a value attention reads: head_dim, or the latent's R."""
+        return self.latent_dim or self.head_dim
+
+    @property
     def shape(self) -> tuple[int, ...]:
-        """The flat cache's tensor shape in this layout (K and V in one tensor)."""
+        """The flat cache's tensor shape in this layout (K and V, or the latent row, in one
+        tensor)."""
         L, B, S, H, D = (self.num_layers, self.max_batch_size, self.max_seq_len,
                          self.num_kv_heads, self.head_dim)
         if self.layout is Layout.SEQ_MAJOR:
-            return (L, B, S, 2, H, D)
-        return (L, 2, B, H, S, D)
+            return (L, B, S, self.kv_parts, H, D)
+        return (L, self.kv_parts, B, H, S, D)
 
     @property
     def bytes_per_token(self) -> int:
-        """Bytes one token occupies across all layers: K and V, every KV head (with codes, one
-        byte a number plus a 4-byte scale per head)."""
+        """Bytes one token occupies across all layers: K and V of every KV head (with codes,
+        one byte a number plus a 4-byte scale per head), or the one latent row."""
         if self.code_dtype is not None:
             return 2 * self.num_layers * self.num_kv_heads * (self.head_dim + 4)
         itemsize = torch.empty((), dtype=self.dtype).element_size()
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * itemsize
+        return self.kv_parts * self.num_layers * self.num_kv_heads * self.head_dim * itemsize

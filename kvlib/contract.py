@@ -152,7 +152,7 @@ class PagedKV:
     """
 
     k_pool: torch.Tensor  # (NB, Hkv, BS, D): each block of one head is a contiguous tile
-    v_pool: torch.Tensor  # (NB, Hkv, BS, D)
+    v_pool: torch.Tensor  # (NB, Hkv, BS, D), or (NB, 1, BS, R) a latent cache's view of k_pool
     block_tables: torch.Tensor  # (B, max_blocks) int32, padded with -1
     context_lens: torch.Tensor  # (B,) int32 on the pool's device: valid keys per row
     window: int | None = None  # sliding window W of the layer (see DenseKV)
@@ -173,13 +173,13 @@ class PagedKV:
         NB, Hkv, BS, D = self.k_pool.shape
         tables = self.block_tables.long().clamp(min=0)  # (B, M): padding reads block 0, masked
         k = self.k_pool[tables]  # (B, M, Hkv, BS, D)
-        v = self.v_pool[tables]
+        v = self.v_pool[tables]  # (B, M, Hkv, BS, Dv): Dv = D, or a latent's R < D
         if self.k_scale is not None:  # scale * code, row by row
             out = dtype or torch.float32
             k = (k.float() * self.k_scale[tables][..., None]).to(out)  # (B, M, Hkv, BS, D)
-            v = (v.float() * self.v_scale[tables][..., None]).to(out)
+            v = (v.float() * self.v_scale[tables][..., None]).to(out)  # (B, M, Hkv, BS, D)
         k = k.permute(0, 2, 1, 3, 4).reshape(B, Hkv, M * BS, D)  # (B, Hkv, S, D)
-        v = v.permute(0, 2, 1, 3, 4).reshape(B, Hkv, M * BS, D)
+        v = v.permute(0, 2, 1, 3, 4).reshape(B, Hkv, M * BS, -1)  # (B, Hkv, S, Dv)
         return DenseKV(k, v, self.context_lens.long(), self.window, self.sink_tokens)
 
 
@@ -212,8 +212,11 @@ class KVCache(Protocol):
         caching). Raises, changing nothing, when there is no room."""
         ...
 
-    def write(self, layer: int, batch: StepBatch, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store this layer's new keys and values, (N, Hkv, D) each, at `batch.slot_mapping`."""
+    def write(self, layer: int, batch: StepBatch, k: torch.Tensor,
+              v: torch.Tensor | None) -> None:
+        """Store this layer's new keys and values, (N, Hkv, D) each, at `batch.slot_mapping`;
+        under latent attention (`config.latent_dim` > 0) the one row per token as `k`
+        (N, 1, R + P) and `v` None."""
         ...
 
     def read(self, layer: int, batch: StepBatch) -> KVView:
@@ -340,6 +343,23 @@ def check_new_kv(k: torch.Tensor, v: torch.Tensor, num_tokens: int, num_kv_heads
             raise ValueError(f"{name} has dtype {t.dtype}, the cache stores {dtype}")
         if not same_device(t.device, device):
             raise ValueError(f"{name} is on {t.device}, the cache is on {device}")
+
+
+def check_new_rows(config: CacheConfig, k: torch.Tensor, v: torch.Tensor | None,
+                   num_tokens: int) -> None:
+    """A write's new rows fit `config`: keys and values (N, Hkv, D), or, for a latent cache,
+    one row per token as `k` (N, 1, R + P) and `v` None (nothing is stored twice)."""
+    if config.latent_dim:
+        if v is not None:
+            raise ValueError(f"a latent cache (latent_dim {config.latent_dim}) stores one row "
+                             f"per token: pass it as k, with v=None")
+        check_new_kv(k, k, num_tokens, config.num_kv_heads, config.head_dim, config.dtype,
+                     config.device)
+        return
+    if v is None:
+        raise ValueError("v is None, but this cache stores keys and values (latent_dim 0)")
+    check_new_kv(k, v, num_tokens, config.num_kv_heads, config.head_dim, config.dtype,
+                 config.device)
 
 
 def check_query_lens(query_lens: Sequence[int], num_seqs: int) -> list[int]:

@@ -306,7 +306,13 @@ def resolve(path_or_id: str | Path) -> Path:
 
 def load_config(path_or_id: str | Path) -> ModelConfig:
     """The `ModelConfig` of a checkpoint folder or hub id."""
-    return _read_config(resolve(path_or_id), name=Path(path_or_id).name)
+    folder = resolve(path_or_id)
+    if _is_deepseek_v3(folder):
+        from kvlib import hf_deepseek
+
+        return hf_deepseek.config_from_hf(json.loads((folder / "config.json").read_text()),
+                                          name=Path(path_or_id).name)
+    return _read_config(folder, name=Path(path_or_id).name)
 
 
 def _read_config(folder: Path, name: str) -> ModelConfig:
@@ -333,6 +339,10 @@ def load_pretrained(path_or_id: str | Path, *, dtype: torch.dtype = torch.float3
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     folder = resolve(path_or_id)
+    if _is_deepseek_v3(folder):  # latent attention: its own names and shapes
+        from kvlib import hf_deepseek
+
+        return hf_deepseek.load(folder, dtype=dtype, device=device, name=Path(path_or_id).name)
     cfg = _read_config(folder, name=Path(path_or_id).name)
     files = check_checkpoint(folder, cfg)
     with torch.device("meta"):
@@ -349,6 +359,17 @@ def load_pretrained(path_or_id: str | Path, *, dtype: torch.dtype = torch.float3
     if cfg.tie_embeddings:
         model.lm_head.weight = model.embed.weight  # one Parameter, as in training
     return model.eval()
+
+
+# -- DeepSeek-V3 (multi-head latent attention): kvlib.hf_deepseek ------------------------------
+
+def _is_deepseek_v3(folder: Path) -> bool:
+    """Whether config.json names DeepSeek-V3, which `kvlib.hf_deepseek` loads."""
+    config_file = folder / "config.json"
+    try:
+        return json.loads(config_file.read_text()).get("model_type") == "deepseek_v3"
+    except (OSError, ValueError, AttributeError):
+        return False  # no config, or not JSON: the Llama path says what is wrong
 
 
 def load_tokenizer(path_or_id: str | Path) -> Any:

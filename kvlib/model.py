@@ -122,12 +122,18 @@ class MLP(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x))."""
+    """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x)); the attention is
+    multi-head latent attention (`kvlib.mla`) when the config has a `kv_lora_rank`."""
 
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(config.d_model, config.norm_eps)
-        self.attn = MultiHeadAttention(config, layer_idx)
+        if config.is_latent:  # DeepSeek's latent attention; kvlib.mla builds on this module
+            from kvlib.mla import MultiHeadLatentAttention
+
+            self.attn = MultiHeadLatentAttention(config, layer_idx)
+        else:
+            self.attn = MultiHeadAttention(config, layer_idx)
         self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
         self.mlp = MLP(config)
 

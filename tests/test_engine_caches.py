@@ -4,7 +4,8 @@ The same checks as test_engine.py -- greedy and seeded sampling, chunked prefill
 prefix reuse, a 300-request fuzz with no leaked block -- on every cache the engine serves:
 quantized over paged blocks (INT8 and INT4 per token, compared with generating alone through
 the same quantized cache), a model whose window is shorter than its prompts, a Gemma-2-style
-model (windowed and global layers, a block table per group), and sinks plus a window.
+model (windowed and global layers, a block table per group), sinks plus a window, and latent
+attention (MLA: one latent row per token), alone and with sinks plus a window.
 Float64 models, so a different batch cannot flip a near-tie.
 """
 
@@ -52,17 +53,23 @@ SETUPS = {
     "window-6": Setup(dict(sliding_window=6)),  # every prompt below outgrows it
     "gemma-style": Setup(dict(sliding_window=6, sliding_layers=(0,))),
     "sinks-2-window-6": Setup(dict(sliding_window=6, sink_tokens=2)),
+    # latent attention (kvlib.mla): one latent row per token and layer in the paged cache
+    "mla": Setup(dict(num_kv_heads=4, kv_lora_rank=8, qk_rope_head_dim=4, qk_nope_head_dim=4,
+                      v_head_dim=6, q_lora_rank=12)),
+    "mla-sinks-2-window-6": Setup(dict(num_kv_heads=4, kv_lora_rank=8, qk_rope_head_dim=4,
+                                       qk_nope_head_dim=4, v_head_dim=6, sliding_window=6,
+                                       sink_tokens=2)),
 }
 
 
 def make_model(setup: Setup, seed: int = 0, d_model: int = 32,
                num_layers: int = 2) -> TransformerLM:
     torch.manual_seed(seed)
-    fields = dict(setup.fields)
+    fields = {**dict(num_kv_heads=2), **setup.fields}  # MLA setups set num_kv_heads
     if num_layers == 1 and "sliding_layers" in fields:
         fields["sliding_layers"] = (0,)  # keep the window on the one layer
     cfg = ModelConfig(vocab_size=V, d_model=d_model, num_layers=num_layers, num_heads=4,
-                      num_kv_heads=2, max_seq_len=96, **fields)
+                      max_seq_len=96, **fields)
     return TransformerLM(cfg).double().eval()
 
 

@@ -23,13 +23,14 @@ from matplotlib.text import Text  # noqa: E402
 from kvlib import analysis, real_models  # noqa: E402
 from kvlib.cache.quant_memory import PRESETS as QUANT  # noqa: E402
 from kvlib.cache.quant_memory import memory  # noqa: E402
-from kvlib.config import Layout  # noqa: E402
+from kvlib.config import Layout, ModelConfig  # noqa: E402
 from kvlib.experiments import batching as bx  # noqa: E402
 from kvlib.experiments import beyond as byx  # noqa: E402
 from kvlib.experiments import cluster as cl  # noqa: E402
 from kvlib.experiments import flash as fx  # noqa: E402
 from kvlib.experiments import fragmentation as fr  # noqa: E402
 from kvlib.links import LINKS  # noqa: E402
+from kvlib.mla import decode_cost  # noqa: E402
 from kvlib.viz import batching as bviz  # noqa: E402
 from kvlib.viz import beyond as byviz  # noqa: E402
 from kvlib.viz import decoding as dviz  # noqa: E402
@@ -39,6 +40,7 @@ from kvlib.viz import layouts as lviz  # noqa: E402
 from kvlib.viz import models as mviz  # noqa: E402
 from kvlib.viz import paging as pviz  # noqa: E402
 from kvlib.viz import quantization as qviz  # noqa: E402
+from kvlib.viz import shrink as sviz  # noqa: E402
 from kvlib.viz import style  # noqa: E402
 from kvlib.viz import training as tviz  # noqa: E402
 from kvlib.widgets import batching as bw  # noqa: E402
@@ -94,6 +96,12 @@ def _panels(draw, n):
 
 
 _SWAPS = [byx.SwapVsRecompute(n, 1e-5 * n, 1e-3 * n, 1000 * n) for n in (64, 256, 1024)]
+
+
+_MLA = ModelConfig(vocab_size=8, d_model=64, num_layers=1, num_heads=8, num_kv_heads=8,
+                   kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16)
+_BUDGET_RECORDS = [{"policy": p, "regime": "decode", "fraction": f, "bpb": 1.5 + (1 - f) * i}
+                   for i, p in enumerate(sviz.POLICY_STYLE) for f in (0.05, 0.2, 0.5, 1.0)]
 
 
 def _one(draw):
@@ -183,6 +191,14 @@ DRAWINGS = {
     "tp_cache": _one(lambda ax: byviz.draw_tp_cache(
         ax, ["llama-3-70b", "qwen2.5-7b"], [1, 2, 4, 8, 16])),
     "routing": _panels(lambda axes: byviz.draw_routing(axes, _routing_states(), 0.5), 2),
+    "mla_costs": _panels(lambda axes: sviz.plot_mla_costs(
+        axes, {c: decode_cost(_MLA, 1024, c) for c in ("expanded", "naive", "absorbed")},
+        1024), 2),
+    "first_token_attention": _one(lambda ax: sviz.plot_first_token_attention(
+        ax, torch.rand(4, 4) * 0.01, 0.007)),
+    "budget_curves": _one(lambda ax: sviz.plot_budget_curves(ax, _BUDGET_RECORDS, "bpb",
+                                                             "decode")),
+    "kept": _one(lambda ax: sviz.draw_kept(ax, torch.rand(4, 2, 128) < 0.3, 16, "SnapKV")),
 }
 
 

@@ -9,6 +9,9 @@ Two layouts of the same numbers (see `Layout`):
     SEQ_MAJOR   (L, B, S, 2, Hkv, D)  the original design; one token's K and V are adjacent
     HEAD_MAJOR  (L, 2, B, Hkv, S, D)  each head's keys are one contiguous (S, D) matrix
 
+A latent cache (`CacheConfig.latent_dim`, multi-head latent attention) has one part where
+these have 2: one row per token, read whole as the key and its first R numbers as the value.
+
 Worked example: in SEQ_MAJOR with Hkv = 2, D = 4, the key of head 1 at token 5 starts
 5 * (2 * 2 * 4) + 1 * 4 = 84 elements after token 0's key of head 0 in the same slot.
 
@@ -61,7 +64,10 @@ class FlatKVCache:
         return self.data[layer, 0]  # (B, Hkv, S, D)
 
     def values(self, layer: int) -> torch.Tensor:
-        """All slots' values of one layer as a (B, Hkv, S, D) view."""
+        """All slots' values of one layer as a (B, Hkv, S, D) view; for a latent cache the
+        first `latent_dim` numbers of each key row, (B, 1, S, R), the same memory."""
+        if self.config.latent_dim:
+            return self.keys(layer)[..., :self.config.latent_dim]  # (B, 1, S, R)
         self._check_layer(layer)
         if self.config.layout is Layout.SEQ_MAJOR:
             return self.data[layer, :, :, 1].transpose(1, 2)  # (B, Hkv, S, D)
@@ -83,11 +89,13 @@ class FlatKVCache:
         """
         return self._slots.begin(seq_ids, query_lens, self.config.device)
 
-    def write(self, layer: int, batch: StepBatch, k: torch.Tensor, v: torch.Tensor) -> None:
+    def write(self, layer: int, batch: StepBatch, k: torch.Tensor,
+              v: torch.Tensor | None) -> None:
         rows, pos = self._slots.check_write(self.config, layer, batch, k, v)  # (N,), (N,)
         # detach: the cache stores values, never autograd history
         self.keys(layer)[rows, :, pos] = k.detach()  # (N, Hkv, D) into (B, Hkv, S, D)
-        self.values(layer)[rows, :, pos] = v.detach()
+        if v is not None:  # a latent cache's values are its key rows' first R numbers
+            self.values(layer)[rows, :, pos] = v.detach()
         self._slots.ledger.wrote(layer)
 
     def read(self, layer: int, batch: StepBatch) -> DenseKV:
@@ -115,7 +123,8 @@ class FlatKVCache:
         n = self._slots.lengths[src_row]
         for layer in range(self.num_layers):
             self.keys(layer)[dst_row, :, :n] = self.keys(layer)[src_row, :, :n]
-            self.values(layer)[dst_row, :, :n] = self.values(layer)[src_row, :, :n]
+            if not self.config.latent_dim:  # a latent row was copied whole with the keys
+                self.values(layer)[dst_row, :, :n] = self.values(layer)[src_row, :, :n]
         self._slots.lengths[dst_row] = n
 
     def release(self, seq_ids: Sequence[int]) -> None:

@@ -96,11 +96,15 @@ def check_cache_matches(model: ModelConfig, cache: CacheConfig, dtype: torch.dty
                         device: torch.device) -> None:
     """Raise ValueError, naming what differs, unless `cache` stores what `model`'s layers
     write and keeps every key they read: layer count, KV heads, head dim, dtype, device,
-    each layer's window and the sink tokens."""
-    for name in ("num_layers", "num_kv_heads", "head_dim"):
-        if getattr(model, name) != getattr(cache, name):
+    each layer's window and the sink tokens; under latent attention, one latent row of the
+    model's R + P per token (`ModelConfig.cache_kv_heads`, `cache_head_dim`)."""
+    for name, model_value in (("num_layers", model.num_layers),
+                              ("num_kv_heads", model.cache_kv_heads),
+                              ("head_dim", model.cache_head_dim),
+                              ("latent_dim", model.kv_lora_rank)):
+        if model_value != getattr(cache, name):
             raise ValueError(f"the cache has {name}={getattr(cache, name)}, the model "
-                             f"{getattr(model, name)}: build it with model.cache_config(...)")
+                             f"{model_value}: build it with model.cache_config(...)")
     if cache.dtype != dtype:
         raise ValueError(f"the cache stores {cache.dtype}, the model computes in {dtype}")
     if cache.device.type != torch.device(device).type:

@@ -186,7 +186,8 @@ class PagedKVCache:
             for b in range(len(ids))])
         return batch
 
-    def write(self, layer: int, batch: StepBatch, k: torch.Tensor, v: torch.Tensor) -> None:
+    def write(self, layer: int, batch: StepBatch, k: torch.Tensor,
+              v: torch.Tensor | None) -> None:
         self._check_layer(layer)
         self._ledger.check(batch)
         g = self.storage.group_of(layer)

@@ -74,6 +74,9 @@ class QuantizedKVCache:
                  inner: Callable[[CacheConfig], KVCache] = FlatKVCache) -> None:
         if not isinstance(quant, KVQuantConfig):
             raise ValueError(f"quant must be a KVQuantConfig, got {type(quant).__name__}")
+        if config.latent_dim:
+            raise ValueError(f"kvlib quantizes keys and values, not a latent row (latent_dim "
+                             f"{config.latent_dim}): use a PagedKVCache for latent attention")
         if config.kv_cache_dtype != "auto":
             raise ValueError(f"config.kv_cache_dtype is {config.kv_cache_dtype!r}: a paged cache "
                              f"of codes already; a QuantizedKVCache takes a config of values")

@@ -51,6 +51,9 @@ class RingKVCache:
     """
 
     def __init__(self, config: CacheConfig, max_query_len: int = 1) -> None:
+        if config.latent_dim:
+            raise ValueError("a ring stores keys and values; for a latent cache (latent_dim "
+                             f"{config.latent_dim}) use a PagedKVCache or a FlatKVCache")
         if config.sink_tokens:
             raise ValueError(f"a ring keeps only the last W keys, not {config.sink_tokens} sink "
                              f"token(s): use a PagedKVCache or a FlatKVCache for sinks")

@@ -20,7 +20,7 @@ import torch
 
 from kvlib.checks import require_ids, require_int
 from kvlib.config import CacheConfig
-from kvlib.contract import StepBatch, StepLedger, check_new_kv, check_query_lens
+from kvlib.contract import StepBatch, StepLedger, check_new_rows, check_query_lens
 
 
 class SlotTable:
@@ -66,11 +66,11 @@ class SlotTable:
         return StepBatch.make(rows, starts, lens, slots.to(device)[None], step)  # (1, N)
 
     def check_write(self, config: CacheConfig, layer: int, batch: StepBatch, k: torch.Tensor,
-                    v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Check a write of the open step; (rows, positions), each (N,), of its new tokens."""
+                    v: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Check a write of the open step (v is None for a latent cache); (rows, positions),
+        each (N,), of its new tokens."""
         self.check_read(config, layer, batch)
-        check_new_kv(k, v, batch.num_tokens, config.num_kv_heads, config.head_dim,
-                     config.dtype, config.device)
+        check_new_rows(config, k, v, batch.num_tokens)
         slots = batch.slot_mapping[0]  # (N,)
         return slots // self.max_seq_len, slots % self.max_seq_len
 

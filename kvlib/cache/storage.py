@@ -8,6 +8,12 @@ found cheapest to read, and the tile a decode kernel loads. (Token-major blocks,
 use them -- and FlashInfer measures no real difference; kvlib picks the layout its kernels
 and its chapter on layouts explain best.)
 
+A latent cache (`CacheConfig.latent_dim` > 0, multi-head latent attention) stores one row
+per token instead of a key and a value: its pools are `(L_g, 1, NB + 1, 1, BS, R + P)`, the
+"2" of K and V become the 1 of `config.kv_parts`. `k_pool` is the whole row (the latent,
+then the rotary key) and `v_pool` a view of its first R numbers: attention reads the latent
+as the value without a second copy in memory.
+
 Row `NB` of every pool is the group's null block: zeros, never written, standing in the block
 tables of windowed groups for blocks their window has passed (`kvlib.cache.block_manager`).
 
@@ -32,7 +38,7 @@ import torch
 
 from kvlib.cache.groups import CacheGroup
 from kvlib.config import CacheConfig
-from kvlib.contract import check_new_kv
+from kvlib.contract import check_new_rows
 from kvlib.kernels.store_kv import store_kv, store_kv_quantized
 
 
@@ -43,9 +49,10 @@ class PagedStorage:
                  num_blocks: Sequence[int]) -> None:
         self.config, self.groups = config, tuple(groups)
         Hkv, BS, D = config.num_kv_heads, config.block_size, config.head_dim
+        parts = config.kv_parts  # K and V, or one latent row
         stored = config.code_dtype or config.dtype
-        self.pools = [torch.zeros(len(g.layers), 2, nb + 1, Hkv, BS, D, dtype=stored,
-                                  device=config.device)  # (L_g, 2, NB + 1, Hkv, BS, D)
+        self.pools = [torch.zeros(len(g.layers), parts, nb + 1, Hkv, BS, D, dtype=stored,
+                                  device=config.device)  # (L_g, 2 or 1, NB + 1, Hkv, BS, D)
                       for g, nb in zip(self.groups, num_blocks)]
         # float32 scale of every stored row when the pools hold codes (1 for a row of zeros)
         self.scales = [torch.ones(p.shape[:-1], dtype=torch.float32, device=config.device)
@@ -63,6 +70,9 @@ class PagedStorage:
 
     def v_pool(self, layer: int) -> torch.Tensor:
         g, i = self._where[layer]
+        R = self.config.latent_dim
+        if R:
+            return self.pools[g][i, 0, ..., :R]  # (NB + 1, 1, BS, R): the latent, a view
         return self.pools[g][i, 1]  # (NB + 1, Hkv, BS, D)
 
     def scale_pools(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
@@ -85,12 +95,16 @@ class PagedStorage:
         return sum(p.nbytes for p in self.pools) + sum(s.nbytes for s in self.scales or [])
 
     def write(self, layer: int, slot_mapping: torch.Tensor, k: torch.Tensor,
-              v: torch.Tensor) -> None:
-        """Store (N, Hkv, D) keys and values at `slot_mapping` (N,) of the layer's group."""
-        cfg = self.config
-        check_new_kv(k, v, slot_mapping.shape[0], cfg.num_kv_heads, cfg.head_dim, cfg.dtype,
-                     cfg.device)
-        if self.scales is None:
+              v: torch.Tensor | None) -> None:
+        """Store (N, Hkv, D) keys and values at `slot_mapping` (N,) of the layer's group; a
+        latent cache's (N, 1, R + P) rows as `k`, with `v` None."""
+        check_new_rows(self.config, k, v, slot_mapping.shape[0])
+        if v is None:  # one row per token: a plain scatter (slot = block * BS + offset)
+            pool, BS = self.k_pool(layer), self.config.block_size  # (NB + 1, 1, BS, R + P)
+            keep = slot_mapping >= 0  # (N,)
+            slots = slot_mapping[keep]  # (N',)
+            pool[slots // BS, :, slots % BS] = k.detach()[keep]  # (N', 1, R + P)
+        elif self.scales is None:
             store_kv(k.detach(), v.detach(), self.k_pool(layer), self.v_pool(layer),
                      slot_mapping)
         else:  # quantized as it is written, row by row
@@ -106,8 +120,8 @@ class PagedStorage:
                 self.scales[g][:, :, dst, :, :n] = self.scales[g][:, :, src, :, :n]
 
     def read_blocks(self, group: int, block_ids: Sequence[int]) -> BlockData:
-        """A copy of whole blocks: (L_g, 2, n, Hkv, BS, D), with their (L_g, 2, n, Hkv, BS)
-        scales as a second tensor when the pools hold codes."""
+        """A copy of whole blocks: (L_g, 2, n, Hkv, BS, D) (1 for 2 in a latent cache), with
+        their (L_g, 2, n, Hkv, BS) scales as a second tensor when the pools hold codes."""
         index = torch.tensor(list(block_ids), dtype=torch.int64, device=self.config.device)
         if self.scales is None:
             return self.pools[group][:, :, index].clone()
@@ -117,7 +131,7 @@ class PagedStorage:
         """Raise ValueError unless `data` is what `read_blocks` gives for `num_blocks`."""
         pool = self.pools[group]
         parts = (data,) if self.scales is None else data
-        wanted = [(pool, (pool.shape[0], 2, num_blocks, *pool.shape[3:]))]
+        wanted = [(pool, (*pool.shape[:2], num_blocks, *pool.shape[3:]))]  # 2 parts, or 1
         if self.scales is not None:
             scales = self.scales[group]
             wanted.append((scales, (scales.shape[0], 2, num_blocks, *scales.shape[3:])))

@@ -26,7 +26,6 @@ downloads a browser.
 
 from __future__ import annotations
 
-import html
 import json
 import re
 import shutil
@@ -522,12 +521,14 @@ def test_every_external_link_is_a_reference(page_name: str) -> None:
 
 
 def _widget_models(path: Path) -> dict[str, dict]:
-    """Every model of the page's saved widget state, by id."""
+    """Every model of the page's saved widget state, by id. A script's text is raw (the
+    browser does not decode entities in it), so it is parsed as it stands: a widget's HTML
+    that spells a quote `&quot;` keeps it so."""
     text = path.read_text()
     models = {}
     for block in re.findall(r'<script type="application/vnd.jupyter.widget-state\+json">'
                             r"(.*?)</script>", text, re.DOTALL):
-        models.update(json.loads(html.unescape(block)).get("state", {}))
+        models.update(json.loads(block).get("state", {}))
     return models
 
 
