@@ -49,6 +49,7 @@ from kvlib.cache.quant_memory import KVQuantConfig
 from kvlib.cache.quantized import QuantizedKVCache
 from kvlib.checks import is_int, require_int
 from kvlib.contract import KVCache, KVCacheManager
+from kvlib.cuda_graphs import DecodeGraphs, graphs_supported
 from kvlib.model import TransformerLM
 from kvlib.outputs import EngineMetrics, GenerateResult, RequestOutput, StepRecord
 from kvlib.preemption import PreemptionPolicy
@@ -74,13 +75,19 @@ class BatchedInferenceEngine:
             read in place by the fused kernels (`CacheConfig.kv_cache_dtype`).
         cache: instead of `num_blocks`/`block_size`/`quant`, a cache to serve from: any
             `KVCache` that answers `KVCacheManager` (paged, or quantized over paged), empty.
+        cuda_graphs: replay pure decode steps from graphs captured per batch-size bucket
+            (kvlib.cuda_graphs). None (default): on when the cache is a paged cache on a CUDA
+            device with attention "fast" or "triton", else eager. True: on (a real CUDA graph
+            on a CUDA device; elsewhere the same bucketed steps on persistent buffers,
+            re-run instead of replayed). False: every step eager.
     """
 
     def __init__(self, model: TransformerLM, num_blocks: int | None = None,
                  block_size: int = 16, max_num_batched_tokens: int = 256,
                  max_num_seqs: int = 256, *, quant: KVQuantConfig | None = None,
                  kv_cache_dtype: str = "auto", cache: KVCache | None = None,
-                 preemption: PreemptionPolicy | None = None) -> None:
+                 preemption: PreemptionPolicy | None = None,
+                 cuda_graphs: bool | None = None) -> None:
         self.model = model
         if cache is None:
             if num_blocks is None:
@@ -102,6 +109,11 @@ class BatchedInferenceEngine:
         model.check_cache(cache)  # windows, sinks, shapes, dtype: before anything runs
         self.cache = cache
         self.scheduler = Scheduler(cache, max_num_batched_tokens, max_num_seqs, preemption)
+        on_cuda = torch.device(cache.config.device).type == "cuda"
+        if cuda_graphs is None:
+            cuda_graphs = on_cuda and graphs_supported(model, cache) is None
+        self.graphs = DecodeGraphs(model, cache, min(max_num_seqs, max_num_batched_tokens),
+                                   use_cuda_graphs=on_cuda) if cuda_graphs else None
         self.metrics = EngineMetrics()
         self._seqs: dict[int, SequenceState] = {}
         self._next_id = 0
@@ -207,9 +219,13 @@ class BatchedInferenceEngine:
                 events.append((seq.seq_id, "admit", seq.num_computed_tokens))
             events.append((seq.seq_id, "decode" if seq.is_decoding else "prefill", n))
         batch = self.cache.begin(ids, lens, tokens)  # room was allocated by the scheduler
+        replay = self.graphs is not None and self.graphs.accepts(batch)
         try:
-            hidden = self.model.forward_batch(
-                torch.tensor(tokens, dtype=torch.int64, device=device), batch, self.cache)
+            token_ids = torch.tensor(tokens, dtype=torch.int64, device=device)  # (N,)
+            if replay:  # a pure decode step: every row samples, logits from the graph
+                logits = self.graphs.run(token_ids, batch)  # (B, V)
+            else:
+                hidden = self.model.forward_batch(token_ids, batch, self.cache)  # (N, d)
             self.cache.commit(batch)
         except BaseException:
             # NOTE: the cache is as it was, and every sequence keeps its place and its room:
@@ -226,7 +242,8 @@ class BatchedInferenceEngine:
                 samplers.append(seq)
         if not rows:
             return []
-        logits = self.model.lm_head(hidden[rows]).float()  # (K, V), as generate computes them
+        if not replay:
+            logits = self.model.lm_head(hidden[rows]).float()  # (K, V), as generate does
         sampling = SamplingBatch.make([s.request.sampling for s in samplers],
                                       [len(s.output_ids) for s in samplers],
                                       logits.shape[-1], logits.device)
