@@ -16,10 +16,14 @@ request asked for. Greedy outputs are compared with the engine's (in bf16 a diff
 rounds differently, so runs part at near-ties: the count says how many agree whole).
 Then the decode step at batch 1, 16, 64 and 256 (`--batch-sizes`) over `--context` tokens,
 against its floor (weights and KV read once at the copy bandwidth measured here), and the
-host synchronisations each decode step makes (torch.cuda.set_sync_debug_mode).
+host synchronisations each decode step makes (torch.cuda.set_sync_debug_mode), with the
+engine's default (decode steps replayed from CUDA graphs on a GPU), and the same step eager
+and with graphs side by side, their greedy outputs compared (off a GPU the "graphs" are the
+stand-in that re-runs the step on the same buffers, kvlib.cuda_graphs: timed, not a graph).
 Prints a table and, as its last line, a JSON object with `engine_tok_s`, `transformers_tok_s`,
 `transformers_cb_tok_s`, `static_tok_s`, `step_over_floor` (by batch size) and
-`syncs_per_decode_step`; `--out` writes it to a file too.
+`syncs_per_decode_step`, and `eager_step_ms`, `graph_step_ms`, `graphs_speedup` and
+`graphs_outputs_equal` (by batch size); `--out` writes it to a file too.
 """
 
 from __future__ import annotations
@@ -81,9 +85,17 @@ def main() -> None:
     num_blocks = args.requests * -(-longest // BS)  # room for every request at once
     warm = type(reqs)(reqs.prompts[:2], [2, 2])
 
-    def engine(r):
+    def new_engine():
         e = BatchedInferenceEngine(model, num_blocks, BS, args.token_budget,
                                    max_num_seqs=args.requests)
+        if e.graphs is not None:
+            e.graphs.capture_all()  # start-up, as a server does before taking requests
+        return e
+
+    ready = {}
+
+    def engine(r):
+        e = ready.pop("engine", None) or new_engine()
         return [o.token_ids for o in e.generate(r.prompts, max_new_tokens=r.max_new_tokens,
                                                 show_progress=False).outputs]
 
@@ -100,6 +112,8 @@ def main() -> None:
     outputs, tok_s = {}, {}
     for name, fn in runs.items():
         fn(warm)  # untimed: compilation, autotuning, first allocations
+        if name == "engine":
+            ready["engine"] = new_engine()  # its graphs captured untimed
         outputs[name], seconds = timed(lambda fn=fn: fn(reqs))
         tok_s[name] = reqs.num_new_tokens / seconds
         print(f"{name:>16}: {seconds:8.2f} s, {tok_s[name]:9.1f} tok/s")
@@ -107,12 +121,21 @@ def main() -> None:
              for name, out in outputs.items() if name != "engine"}
     print(f"greedy outputs equal to the engine's: {agree} of {args.requests}")
     bandwidth = copy_bandwidth(device, nbytes=(1 << 30) if device == "cuda" else (1 << 24))
-    steps = [decode_step(model, B, args.context, bandwidth=bandwidth)
+    eager = [decode_step(model, B, args.context, bandwidth=bandwidth, cuda_graphs=False)
              for B in args.batch_sizes]
+    graphs = [decode_step(model, B, args.context, bandwidth=bandwidth, cuda_graphs=True)
+              for B in args.batch_sizes]
+    # The floor and the syncs are the engine's default's: graphs where it turns them on.
+    by_default = BatchedInferenceEngine(model, num_blocks=1, block_size=BS).graphs is not None
+    steps = graphs if by_default else eager
     for s in steps:
         print(f"decode, batch {s.batch_size:>3} x {s.context_len} tokens: "
               f"{1000 * s.step_s:8.3f} ms, floor {1000 * s.floor_s:8.3f} ms "
               f"({s.over_floor:5.2f}x), host syncs per step: {s.syncs_per_step}")
+    for e, g in zip(eager, graphs):
+        print(f"decode, batch {e.batch_size:>3}: eager {1000 * e.step_s:8.3f} ms, graphs "
+              f"{1000 * g.step_s:8.3f} ms ({e.step_s / g.step_s:5.2f}x), outputs equal: "
+              f"{e.token_ids == g.token_ids}")
     syncs = [s.syncs_per_step for s in steps if s.syncs_per_step is not None]
     result = {
         "engine_tok_s": round(tok_s["engine"], 1),
@@ -125,6 +148,14 @@ def main() -> None:
         "step_ms": {str(s.batch_size): float(f"{1000 * s.step_s:.4g}") for s in steps},
         "floor_ms": {str(s.batch_size): float(f"{1000 * s.floor_s:.4g}") for s in steps},
         "syncs_per_decode_step": max(syncs) if syncs else None,
+        "decode_step_cuda_graphs": steps[0].cuda_graphs,
+        "eager_step_ms": {str(s.batch_size): float(f"{1000 * s.step_s:.4g}") for s in eager},
+        "graph_step_ms": {str(s.batch_size): float(f"{1000 * s.step_s:.4g}") for s in graphs},
+        "graphs_speedup": {str(e.batch_size): round(e.step_s / g.step_s, 2)
+                           for e, g in zip(eager, graphs)},
+        "graphs_outputs_equal": {str(e.batch_size): e.token_ids == g.token_ids
+                                 for e, g in zip(eager, graphs)},
+        "graphs_real": torch.device(device).type == "cuda",
         "greedy_equal_to_engine": agree, "requests": args.requests,
         "new_tokens": reqs.num_new_tokens, "context": args.context,
         "copy_TBps": round(bandwidth / 1e12, 3), "model": config.name, "dtype": str(dtype),

@@ -198,13 +198,25 @@ class DecodeGraphs:
                              f"sequences; got query lengths {batch.query_lens}")
         self._fill(token_ids, batch, B, b)
         if b not in self.graphs:
-            fn = self._step_fn(b)
-            self.graphs[b] = CudaGraph(fn, self._pool) if self.use_cuda_graphs else Replay(fn)
+            self._capture(b)  # captured on this step's buffers (and run once)
         else:
             self.graphs[b].replay()
         self.num_replays += 1
         self.cache.record_writes(batch)
         return self.graphs[b].output[:B]  # (B, V)
+
+    def capture_all(self) -> None:
+        """Capture every bucket not captured yet, largest first (the smaller ones then reuse
+        its memory), on rows that are all padding: nothing is stored. What a server does
+        before taking requests, so no step pays for a capture."""
+        for b in reversed(self.sizes):
+            if b not in self.graphs:
+                self._pad(0, b)
+                self._capture(b)
+
+    def _capture(self, b: int) -> None:
+        fn = self._step_fn(b)
+        self.graphs[b] = CudaGraph(fn, self._pool) if self.use_cuda_graphs else Replay(fn)
 
     def _fill(self, token_ids: torch.Tensor, batch: StepBatch, B: int, b: int) -> None:
         """Copy the step into rows [:B] of the buffers; rows [B:b] become padding."""
@@ -217,7 +229,12 @@ class DecodeGraphs:
         for g, t in enumerate(tables.block_tables):
             buf.block_tables[g, :B, :width].copy_(t)  # (B, width)
         buf.block_tables[:, :B, width:] = -1  # what an earlier, longer step left there
-        if b > B:  # padding: nothing stored, one key of the null block read
+        self._pad(B, b)
+
+    def _pad(self, B: int, b: int) -> None:
+        """Rows [B:b] become padding: nothing stored, one key of the null block read."""
+        buf = self.buffers
+        if b > B:
             buf.token_ids[B:b] = 0
             buf.positions[B:b] = 0
             buf.slot_mapping[:, B:b] = -1
@@ -237,6 +254,7 @@ class DecodeGraphs:
         view = _GraphCache(self.cache, buf.block_tables[:, :b], buf.context_lens[:b])
         tokens, model = buf.token_ids[:b], self.model
 
+        @torch.no_grad()
         def step() -> torch.Tensor:
             hidden = model.forward_batch(tokens, batch, view)  # (b, d)
             return model.lm_head(hidden).float()  # (b, V)

@@ -102,6 +102,19 @@ def test_buckets_pad_and_buffers_stay_put():
     assert [engine.output(i).token_ids for i in ids] == eager
 
 
+def test_capturing_every_bucket_up_front_stores_nothing_and_changes_no_output():
+    model = make_model(SETUPS["sinks-2-window-6"])
+    prompts, lengths, samplings = random_requests(7, seed=2)
+    engine = BatchedInferenceEngine(model, num_blocks=200, block_size=4, cuda_graphs=True,
+                                    max_num_seqs=8)
+    engine.graphs.capture_all()
+    assert set(engine.graphs.graphs) == {1, 2, 4, 8} and engine.graphs.num_replays == 0
+    assert not any(p.any() for p in engine.cache.storage.pools)  # padding rows store nothing
+    out = engine.generate(prompts, samplings, lengths, show_progress=False)
+    eager, _ = run(model, prompts, lengths, samplings, graphs=False, max_num_seqs=8)
+    assert [o.token_ids for o in out.outputs] == eager
+
+
 def test_a_step_of_more_sequences_than_the_largest_bucket_runs_eagerly():
     model = make_model(SETUPS["paged"])
     engine = BatchedInferenceEngine(model, num_blocks=200, block_size=4, cuda_graphs=True,
@@ -157,3 +170,6 @@ def test_real_cuda_graphs_equal_eager_on_a_gpu():
     assert engine.graphs is not None and engine.graphs.use_cuda_graphs
     assert engine.graphs.num_replays > 0
     assert replayed == eager
+    engine.graphs.capture_all()  # the rest, up front, on padding rows
+    again = engine.generate(prompts, samplings, lengths, show_progress=False)
+    assert [o.token_ids for o in again.outputs] == eager
