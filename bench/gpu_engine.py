@@ -16,8 +16,8 @@ request asked for. Greedy outputs are compared with the engine's (in bf16 a diff
 rounds differently, so runs part at near-ties: the count says how many agree whole).
 Then the decode step at batch 1, 16, 64 and 256 (`--batch-sizes`) over `--context` tokens,
 against its floor (weights and KV read once at the copy bandwidth measured here), and the
-host synchronisations each decode step makes (torch.cuda.set_sync_debug_mode), with the
-engine's default (decode steps replayed from CUDA graphs on a GPU), and the same step eager
+host synchronisations each decode step makes (torch.cuda.set_sync_debug_mode), with decode
+steps replayed from CUDA graphs on a GPU (as in the throughput run), and the same step eager
 and with graphs side by side, their greedy outputs compared (off a GPU the "graphs" are the
 stand-in that re-runs the step on the same buffers, kvlib.cuda_graphs: timed, not a graph).
 Prints a table and, as its last line, a JSON object with `engine_tok_s`, `transformers_tok_s`,
@@ -70,6 +70,7 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    on_gpu = device == "cuda"  # kvlib's engine replays its decode steps from CUDA graphs
     config, dtype = (LLAMA_3_2_1B, torch.bfloat16) if device == "cuda" else (TINY, torch.float32)
     if args.quick:
         config, dtype = TINY, torch.float32
@@ -87,7 +88,7 @@ def main() -> None:
 
     def new_engine():
         e = BatchedInferenceEngine(model, num_blocks, BS, args.token_budget,
-                                   max_num_seqs=args.requests)
+                                   max_num_seqs=args.requests, cuda_graphs=on_gpu)
         if e.graphs is not None:
             e.graphs.capture_all()  # start-up, as a server does before taking requests
         return e
@@ -125,9 +126,8 @@ def main() -> None:
              for B in args.batch_sizes]
     graphs = [decode_step(model, B, args.context, bandwidth=bandwidth, cuda_graphs=True)
               for B in args.batch_sizes]
-    # The floor and the syncs are the engine's default's: graphs where it turns them on.
-    by_default = BatchedInferenceEngine(model, num_blocks=1, block_size=BS).graphs is not None
-    steps = graphs if by_default else eager
+    # The floor and the syncs: with graphs on a GPU (as the throughput run), eager elsewhere.
+    steps = graphs if on_gpu else eager
     for s in steps:
         print(f"decode, batch {s.batch_size:>3} x {s.context_len} tokens: "
               f"{1000 * s.step_s:8.3f} ms, floor {1000 * s.floor_s:8.3f} ms "
@@ -155,7 +155,7 @@ def main() -> None:
                            for e, g in zip(eager, graphs)},
         "graphs_outputs_equal": {str(e.batch_size): e.token_ids == g.token_ids
                                  for e, g in zip(eager, graphs)},
-        "graphs_real": torch.device(device).type == "cuda",
+        "graphs_real": on_gpu,
         "greedy_equal_to_engine": agree, "requests": args.requests,
         "new_tokens": reqs.num_new_tokens, "context": args.context,
         "copy_TBps": round(bandwidth / 1e12, 3), "model": config.name, "dtype": str(dtype),

@@ -49,7 +49,7 @@ from kvlib.cache.quant_memory import KVQuantConfig
 from kvlib.cache.quantized import QuantizedKVCache
 from kvlib.checks import is_int, require_int
 from kvlib.contract import KVCache, KVCacheManager
-from kvlib.cuda_graphs import DecodeGraphs, graphs_supported
+from kvlib.cuda_graphs import DecodeGraphs
 from kvlib.model import TransformerLM
 from kvlib.outputs import EngineMetrics, GenerateResult, RequestOutput, StepRecord
 from kvlib.preemption import PreemptionPolicy
@@ -76,10 +76,11 @@ class BatchedInferenceEngine:
         cache: instead of `num_blocks`/`block_size`/`quant`, a cache to serve from: any
             `KVCache` that answers `KVCacheManager` (paged, or quantized over paged), empty.
         cuda_graphs: replay pure decode steps from graphs captured per batch-size bucket
-            (kvlib.cuda_graphs). None (default): on when the cache is a paged cache on a CUDA
-            device with attention "fast" or "triton", else eager. True: on (a real CUDA graph
-            on a CUDA device; elsewhere the same bucketed steps on persistent buffers,
-            re-run instead of replayed). False: every step eager.
+            (kvlib.cuda_graphs). False (default): every step eager. True: a real CUDA graph
+            when the cache is on a CUDA device (a paged cache, attention "fast" or
+            "triton"); elsewhere the same bucketed steps on persistent buffers, re-run
+            instead of replayed. Off unless asked for: graphs are checked against eager
+            steps by tests/test_cuda_graphs.py, whose real capture runs only on a GPU.
     """
 
     def __init__(self, model: TransformerLM, num_blocks: int | None = None,
@@ -87,7 +88,9 @@ class BatchedInferenceEngine:
                  max_num_seqs: int = 256, *, quant: KVQuantConfig | None = None,
                  kv_cache_dtype: str = "auto", cache: KVCache | None = None,
                  preemption: PreemptionPolicy | None = None,
-                 cuda_graphs: bool | None = None) -> None:
+                 cuda_graphs: bool = False) -> None:
+        if not isinstance(cuda_graphs, bool):
+            raise ValueError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
         self.model = model
         if cache is None:
             if num_blocks is None:
@@ -110,8 +113,6 @@ class BatchedInferenceEngine:
         self.cache = cache
         self.scheduler = Scheduler(cache, max_num_batched_tokens, max_num_seqs, preemption)
         on_cuda = torch.device(cache.config.device).type == "cuda"
-        if cuda_graphs is None:
-            cuda_graphs = on_cuda and graphs_supported(model, cache) is None
         self.graphs = DecodeGraphs(model, cache, min(max_num_seqs, max_num_batched_tokens),
                                    use_cuda_graphs=on_cuda) if cuda_graphs else None
         self.metrics = EngineMetrics()

@@ -166,10 +166,18 @@ def test_real_cuda_graphs_equal_eager_on_a_gpu():
     model.attention = "triton"
     prompts, lengths, samplings = random_requests(13, seed=3)
     eager, _ = run(model, prompts, lengths, samplings, graphs=False)
-    replayed, engine = run(model, prompts, lengths, samplings, graphs=None)  # on by default
+    replayed, engine = run(model, prompts, lengths, samplings, graphs=True)
     assert engine.graphs is not None and engine.graphs.use_cuda_graphs
     assert engine.graphs.num_replays > 0
     assert replayed == eager
     engine.graphs.capture_all()  # the rest, up front, on padding rows
     again = engine.generate(prompts, samplings, lengths, show_progress=False)
     assert [o.token_ids for o in again.outputs] == eager
+
+
+def test_graphs_are_off_unless_asked_for_and_the_switch_is_a_bool():
+    model = make_model(SETUPS["paged"])
+    assert BatchedInferenceEngine(model, num_blocks=20, block_size=4).graphs is None
+    for bad in (None, 1, "yes"):
+        with pytest.raises(ValueError, match="cuda_graphs must be True or False"):
+            BatchedInferenceEngine(model, num_blocks=20, block_size=4, cuda_graphs=bad)

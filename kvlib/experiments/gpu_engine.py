@@ -98,11 +98,11 @@ def _count_syncs(fn) -> int | None:
 
 def decode_step(model: TransformerLM, batch_size: int, context_len: int, *,
                 bandwidth: float, steps: int = 8, block_size: int = 16,
-                cuda_graphs: bool | None = None) -> DecodeStep:
+                cuda_graphs: bool = False) -> DecodeStep:
     """Time engine steps in which `batch_size` sequences of `context_len` tokens each decode
-    one token; count their host synchronisations. `cuda_graphs` as the engine takes it (None:
-    its default); a graph is captured by the untimed first decode step (every timed step
-    has `batch_size` sequences: one bucket)."""
+    one token; count their host synchronisations. `cuda_graphs` as the engine takes it; a
+    graph is captured by the untimed first decode step (every timed step has `batch_size`
+    sequences: one bucket)."""
     device = model.embed.weight.device
     per_seq = -(-(context_len + steps + 6) // block_size)
     engine = BatchedInferenceEngine(model, num_blocks=batch_size * per_seq,
