@@ -5,7 +5,7 @@
 #      other launch options of both kernels, copy bandwidth -> gpu_decode_<device>.json;
 #      then bench/gpu_engine.py alone: the engine against transformers (padded and
 #      continuous) on a Llama-3.2-1B-shaped model, each decode step against its floor, host
-#      syncs per step -> gpu_engine_<device>.json;
+#      syncs per step, decode steps eager against CUDA graphs -> gpu_engine_<device>.json;
 #   3. then, side by side: the GPU tests (kernels = references in fp32/fp16/bf16; every cache,
 #      the model and the engine on CUDA in bf16 and fp16; chapter 7's helpers) and every
 #      chapter of the book ($NOTEBOOKS, default all) executed top to bottom on the GPU machine,
@@ -54,6 +54,7 @@ echo "engine bench exit: $? after $((SECONDS - start)) s" | tee -a "$OUT/engine.
 # Step 3: tests and chapters side by side (timings in them are not recorded).
 ( timeout 280 "$PY" -m pytest -q -rfE -n 6 -p no:cacheprovider --durations=8 \
       tests/test_kernels_triton.py tests/test_devices.py tests/test_gpu_chapter.py \
+      tests/test_cuda_graphs.py \
       tests/test_bench.py > "$OUT/pytest.log" 2>&1
   echo "pytest exit: $?" >> "$OUT/pytest.log" ) &
 mkdir -p /tmp/nb

@@ -16,10 +16,14 @@ request asked for. Greedy outputs are compared with the engine's (in bf16 a diff
 rounds differently, so runs part at near-ties: the count says how many agree whole).
 Then the decode step at batch 1, 16, 64 and 256 (`--batch-sizes`) over `--context` tokens,
 against its floor (weights and KV read once at the copy bandwidth measured here), and the
-host synchronisations each decode step makes (torch.cuda.set_sync_debug_mode).
+host synchronisations each decode step makes (torch.cuda.set_sync_debug_mode), with decode
+steps replayed from CUDA graphs on a GPU (as in the throughput run), and the same step eager
+and with graphs side by side, their greedy outputs compared (off a GPU the "graphs" are the
+stand-in that re-runs the step on the same buffers, kvlib.cuda_graphs: timed, not a graph).
 Prints a table and, as its last line, a JSON object with `engine_tok_s`, `transformers_tok_s`,
 `transformers_cb_tok_s`, `static_tok_s`, `step_over_floor` (by batch size) and
-`syncs_per_decode_step`; `--out` writes it to a file too.
+`syncs_per_decode_step`, and `eager_step_ms`, `graph_step_ms`, `graphs_speedup` and
+`graphs_outputs_equal` (by batch size); `--out` writes it to a file too.
 """
 
 from __future__ import annotations
@@ -66,6 +70,7 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    on_gpu = device == "cuda"  # kvlib's engine replays its decode steps from CUDA graphs
     config, dtype = (LLAMA_3_2_1B, torch.bfloat16) if device == "cuda" else (TINY, torch.float32)
     if args.quick:
         config, dtype = TINY, torch.float32
@@ -81,9 +86,17 @@ def main() -> None:
     num_blocks = args.requests * -(-longest // BS)  # room for every request at once
     warm = type(reqs)(reqs.prompts[:2], [2, 2])
 
-    def engine(r):
+    def new_engine():
         e = BatchedInferenceEngine(model, num_blocks, BS, args.token_budget,
-                                   max_num_seqs=args.requests)
+                                   max_num_seqs=args.requests, cuda_graphs=on_gpu)
+        if e.graphs is not None:
+            e.graphs.capture_all()  # start-up, as a server does before taking requests
+        return e
+
+    ready = {}
+
+    def engine(r):
+        e = ready.pop("engine", None) or new_engine()
         return [o.token_ids for o in e.generate(r.prompts, max_new_tokens=r.max_new_tokens,
                                                 show_progress=False).outputs]
 
@@ -100,6 +113,8 @@ def main() -> None:
     outputs, tok_s = {}, {}
     for name, fn in runs.items():
         fn(warm)  # untimed: compilation, autotuning, first allocations
+        if name == "engine":
+            ready["engine"] = new_engine()  # its graphs captured untimed
         outputs[name], seconds = timed(lambda fn=fn: fn(reqs))
         tok_s[name] = reqs.num_new_tokens / seconds
         print(f"{name:>16}: {seconds:8.2f} s, {tok_s[name]:9.1f} tok/s")
@@ -107,12 +122,20 @@ def main() -> None:
              for name, out in outputs.items() if name != "engine"}
     print(f"greedy outputs equal to the engine's: {agree} of {args.requests}")
     bandwidth = copy_bandwidth(device, nbytes=(1 << 30) if device == "cuda" else (1 << 24))
-    steps = [decode_step(model, B, args.context, bandwidth=bandwidth)
+    eager = [decode_step(model, B, args.context, bandwidth=bandwidth, cuda_graphs=False)
              for B in args.batch_sizes]
+    graphs = [decode_step(model, B, args.context, bandwidth=bandwidth, cuda_graphs=True)
+              for B in args.batch_sizes]
+    # The floor and the syncs: with graphs on a GPU (as the throughput run), eager elsewhere.
+    steps = graphs if on_gpu else eager
     for s in steps:
         print(f"decode, batch {s.batch_size:>3} x {s.context_len} tokens: "
               f"{1000 * s.step_s:8.3f} ms, floor {1000 * s.floor_s:8.3f} ms "
               f"({s.over_floor:5.2f}x), host syncs per step: {s.syncs_per_step}")
+    for e, g in zip(eager, graphs):
+        print(f"decode, batch {e.batch_size:>3}: eager {1000 * e.step_s:8.3f} ms, graphs "
+              f"{1000 * g.step_s:8.3f} ms ({e.step_s / g.step_s:5.2f}x), outputs equal: "
+              f"{e.token_ids == g.token_ids}")
     syncs = [s.syncs_per_step for s in steps if s.syncs_per_step is not None]
     result = {
         "engine_tok_s": round(tok_s["engine"], 1),
@@ -125,6 +148,14 @@ def main() -> None:
         "step_ms": {str(s.batch_size): float(f"{1000 * s.step_s:.4g}") for s in steps},
         "floor_ms": {str(s.batch_size): float(f"{1000 * s.floor_s:.4g}") for s in steps},
         "syncs_per_decode_step": max(syncs) if syncs else None,
+        "decode_step_cuda_graphs": steps[0].cuda_graphs,
+        "eager_step_ms": {str(s.batch_size): float(f"{1000 * s.step_s:.4g}") for s in eager},
+        "graph_step_ms": {str(s.batch_size): float(f"{1000 * s.step_s:.4g}") for s in graphs},
+        "graphs_speedup": {str(e.batch_size): round(e.step_s / g.step_s, 2)
+                           for e, g in zip(eager, graphs)},
+        "graphs_outputs_equal": {str(e.batch_size): e.token_ids == g.token_ids
+                                 for e, g in zip(eager, graphs)},
+        "graphs_real": on_gpu,
         "greedy_equal_to_engine": agree, "requests": args.requests,
         "new_tokens": reqs.num_new_tokens, "context": args.context,
         "copy_TBps": round(bandwidth / 1e12, 3), "model": config.name, "dtype": str(dtype),

@@ -17,20 +17,22 @@ are now all in the cache. A sequence that is done releases its blocks at once, s
 step can admit a waiting one: the batch changes every step instead of waiting for its slowest
 member (static batching, kvlib.static_batching).
 
-Exactness. Each request has its own random generator, seeded from its `SamplingParams`, and
-draws from it once per new token on its own `(1, V)` logits -- what `TransformerLM.generate`
-does for that request alone -- so batching, chunking, preemption and prefix reuse change
-nothing a request sees (up to float rounding of a different batch; the tests use float64).
+Exactness. A step samples all its rows at once (`kvlib.sampling.sample`), and a seeded
+request's random numbers are a hash of its seed and the number of tokens it generated before
+-- what `TransformerLM.generate` draws for that request alone -- so batching, chunking,
+preemption and prefix reuse change nothing a request sees (up to float rounding of a
+different batch; the tests use float64).
 
 Moving requests. `export_request` takes a decoding request out of the engine with its blocks
-(`PagedKVCache.export_sequence`) and its random state (a `Handoff`); `import_request` puts it
+(`PagedKVCache.export_sequence`), a `Handoff`; `import_request` puts it
 into another engine, which goes on decoding it: the prefill engine hands over to the decode
 engine (kvlib.distributed.disaggregation). A `preemption` policy (kvlib.preemption) chooses
 between recomputing a preempted request and swapping its blocks to host memory.
 
 Host and device. A step reads one tensor back to the host: the tokens it sampled, all at
 once. Everything else (which sequences run, their lengths, the cache's tables) is known on
-the host, and the step's index tensors reach the device in one copy (`StepBuilder`).
+the host, and the step's index tensors reach the device in one copy (`StepBuilder`), its
+sampling parameters in another (`SamplingBatch`).
 """
 
 from __future__ import annotations
@@ -47,10 +49,11 @@ from kvlib.cache.quant_memory import KVQuantConfig
 from kvlib.cache.quantized import QuantizedKVCache
 from kvlib.checks import is_int, require_int
 from kvlib.contract import KVCache, KVCacheManager
+from kvlib.cuda_graphs import DecodeGraphs
 from kvlib.model import TransformerLM
 from kvlib.outputs import EngineMetrics, GenerateResult, RequestOutput, StepRecord
 from kvlib.preemption import PreemptionPolicy
-from kvlib.sampling import SamplingParams, sample_next
+from kvlib.sampling import SamplingBatch, SamplingParams, sample
 from kvlib.scheduler import Handoff, Request, ScheduledStep, Scheduler, SequenceState, Status
 
 
@@ -72,13 +75,22 @@ class BatchedInferenceEngine:
             read in place by the fused kernels (`CacheConfig.kv_cache_dtype`).
         cache: instead of `num_blocks`/`block_size`/`quant`, a cache to serve from: any
             `KVCache` that answers `KVCacheManager` (paged, or quantized over paged), empty.
+        cuda_graphs: replay pure decode steps from graphs captured per batch-size bucket
+            (kvlib.cuda_graphs). False (default): every step eager. True: a real CUDA graph
+            when the cache is on a CUDA device (a paged cache, attention "fast" or
+            "triton"); elsewhere the same bucketed steps on persistent buffers, re-run
+            instead of replayed. Off unless asked for: graphs are checked against eager
+            steps by tests/test_cuda_graphs.py, whose real capture runs only on a GPU.
     """
 
     def __init__(self, model: TransformerLM, num_blocks: int | None = None,
                  block_size: int = 16, max_num_batched_tokens: int = 256,
                  max_num_seqs: int = 256, *, quant: KVQuantConfig | None = None,
                  kv_cache_dtype: str = "auto", cache: KVCache | None = None,
-                 preemption: PreemptionPolicy | None = None) -> None:
+                 preemption: PreemptionPolicy | None = None,
+                 cuda_graphs: bool = False) -> None:
+        if not isinstance(cuda_graphs, bool):
+            raise ValueError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
         self.model = model
         if cache is None:
             if num_blocks is None:
@@ -100,6 +112,9 @@ class BatchedInferenceEngine:
         model.check_cache(cache)  # windows, sinks, shapes, dtype: before anything runs
         self.cache = cache
         self.scheduler = Scheduler(cache, max_num_batched_tokens, max_num_seqs, preemption)
+        on_cuda = torch.device(cache.config.device).type == "cuda"
+        self.graphs = DecodeGraphs(model, cache, min(max_num_seqs, max_num_batched_tokens),
+                                   use_cuda_graphs=on_cuda) if cuda_graphs else None
         self.metrics = EngineMetrics()
         self._seqs: dict[int, SequenceState] = {}
         self._next_id = 0
@@ -121,9 +136,7 @@ class BatchedInferenceEngine:
         return request
 
     def _queue(self, request: Request) -> int:
-        seq = SequenceState(self._next_id, request,
-                            request.sampling.generator(self.model.embed.weight.device),
-                            arrival_s=time.perf_counter())
+        seq = SequenceState(self._next_id, request, arrival_s=time.perf_counter())
         self._next_id += 1
         self._seqs[seq.seq_id] = seq
         self.scheduler.add(seq)
@@ -207,9 +220,13 @@ class BatchedInferenceEngine:
                 events.append((seq.seq_id, "admit", seq.num_computed_tokens))
             events.append((seq.seq_id, "decode" if seq.is_decoding else "prefill", n))
         batch = self.cache.begin(ids, lens, tokens)  # room was allocated by the scheduler
+        replay = self.graphs is not None and self.graphs.accepts(batch)
         try:
-            hidden = self.model.forward_batch(
-                torch.tensor(tokens, dtype=torch.int64, device=device), batch, self.cache)
+            token_ids = torch.tensor(tokens, dtype=torch.int64, device=device)  # (N,)
+            if replay:  # a pure decode step: every row samples, logits from the graph
+                logits = self.graphs.run(token_ids, batch)  # (B, V)
+            else:
+                hidden = self.model.forward_batch(token_ids, batch, self.cache)  # (N, d)
             self.cache.commit(batch)
         except BaseException:
             # NOTE: the cache is as it was, and every sequence keeps its place and its room:
@@ -226,8 +243,12 @@ class BatchedInferenceEngine:
                 samplers.append(seq)
         if not rows:
             return []
-        logits = self.model.lm_head(hidden[rows]).float()  # (K, V), as generate computes them
-        picked = self._sample(logits, samplers).tolist()  # the step's one read from the device
+        if not replay:
+            logits = self.model.lm_head(hidden[rows]).float()  # (K, V), as generate does
+        sampling = SamplingBatch.make([s.request.sampling for s in samplers],
+                                      [len(s.output_ids) for s in samplers],
+                                      logits.shape[-1], logits.device)
+        picked = sample(logits, sampling).tolist()  # the step's one read from the device
         now = time.perf_counter()
         finished = []
         for seq, token in zip(samplers, picked):
@@ -245,34 +266,16 @@ class BatchedInferenceEngine:
         self.metrics.num_generated_tokens += len(samplers)
         return finished
 
-    @staticmethod
-    def _sample(logits: torch.Tensor, samplers: list[SequenceState]) -> torch.Tensor:
-        """(K, V) logits -> (K,) token ids on the device: greedy rows in one argmax, every
-        other row one (1, V) draw from its request's own generator, exactly as generate
-        draws for that request alone (a batch never shifts anyone's random stream)."""
-        greedy = [i for i, s in enumerate(samplers) if s.request.sampling.greedy]
-        if len(greedy) == len(samplers):
-            return logits.argmax(dim=-1)  # (K,)
-        picked = torch.empty(len(samplers), dtype=torch.int64, device=logits.device)  # (K,)
-        if greedy:
-            picked[greedy] = logits[greedy].argmax(dim=-1)
-        for i, seq in enumerate(samplers):
-            if not seq.request.sampling.greedy:
-                picked[i:i + 1] = sample_next(logits[i:i + 1], seq.request.sampling,
-                                              seq.generator)
-        return picked
-
     # -- moving a request to another engine ------------------------------------------------------
     def export_request(self, request_id: int) -> Handoff:
-        """A copy of a decoding request, blocks and random state included, for another
+        """A copy of a decoding request, blocks included, for another
         engine; it keeps running here until `remove_request` (once the other has it).
         Raises ValueError unless it runs with all its tokens but the newest cached."""
         seq = self._seqs.get(request_id)
         if seq is None or seq.status is not Status.RUNNING or not seq.is_decoding:
             raise ValueError(f"request {request_id} is not a decoding request of this engine")
         blocks, data = self.cache.export_sequence(seq.seq_id)
-        rng = None if seq.generator is None else seq.generator.get_state()
-        return Handoff(seq.request, tuple(seq.output_ids), blocks, tuple(data), rng)
+        return Handoff(seq.request, tuple(seq.output_ids), blocks, tuple(data))
 
     def remove_request(self, request_id: int) -> None:
         """Forget a running request and free its blocks (another engine decodes it now)."""
@@ -293,18 +296,12 @@ class BatchedInferenceEngine:
             raise ValueError(f"a handoff's blocks hold {handoff.blocks.length} tokens; a "
                              f"decoding request with {len(handoff.output_ids)} new tokens "
                              f"holds {held}")
-        generator = request.sampling.generator(self.model.embed.weight.device)
-        if (generator is None) != (handoff.rng_state is None):
-            raise ValueError("a seeded request moves with its generator's state, and only "
-                             "a seeded one has a state to move")
         if len(self.scheduler.running) >= self.scheduler.max_num_seqs:
             raise ValueError(f"max_num_seqs {self.scheduler.max_num_seqs} sequences already "
                              f"run in this engine")
         self.cache.import_sequence(self._next_id, handoff.blocks, handoff.data)  # or raises
-        if generator is not None:
-            generator.set_state(handoff.rng_state)
         now = time.perf_counter()
-        seq = SequenceState(self._next_id, request, generator, arrival_s=now,
+        seq = SequenceState(self._next_id, request, arrival_s=now,
                             output_ids=list(handoff.output_ids), num_computed_tokens=held,
                             first_scheduled_s=now, first_token_s=now)
         self._next_id += 1

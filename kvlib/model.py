@@ -23,7 +23,7 @@ from kvlib.cache.flat import FlatKVCache
 from kvlib.cache.groups import check_cache_matches
 from kvlib.config import CacheConfig, Layout, ModelConfig
 from kvlib.contract import DenseKV, KVCache, StepBatch, check_query_lens
-from kvlib.sampling import SamplingParams, sample_next
+from kvlib.sampling import SamplingBatch, SamplingParams, sample
 
 
 class RMSNorm(nn.Module):
@@ -335,10 +335,11 @@ class TransformerLM(nn.Module):
 
     def _generate(self, prompt: torch.Tensor, max_new_tokens: int, cache: KVCache | None,
                   sampling: SamplingParams, seq_ids: list[int]) -> Generation:
-        # NOTE: each row draws from its own generator (seed + row), so a row's tokens never
-        # depend on the other rows; row 0 draws exactly as the engine does for a request
-        # with that seed.
-        generators = [sampling.generator(prompt.device, stream=b) for b in range(prompt.shape[0])]
+        # NOTE: row b draws from its own stream, keyed by seed + b and its step
+        # (kvlib.sampling.sample), so a row's tokens never depend on the other rows; row 0
+        # draws exactly as the engine does for a request with that seed.
+        B = prompt.shape[0]
+        seeds = [None if sampling.seed is None else (sampling.seed + b) % 2**64 for b in range(B)]
         tokens, all_logits = prompt, []
         for step in range(max_new_tokens):
             if cache is None:
@@ -347,8 +348,9 @@ class TransformerLM(nn.Module):
                 logits = self.prefill(prompt, cache, seq_ids)  # (B, V)
             else:
                 logits = self.decode_step(tokens[:, -1], cache, seq_ids)  # (B, V)
-            next_token = torch.cat([sample_next(logits[b:b + 1], sampling, g)
-                                    for b, g in enumerate(generators)])  # (B,)
+            rows = SamplingBatch.make([sampling] * B, [step] * B, logits.shape[-1],
+                                      logits.device, seeds)
+            next_token = sample(logits, rows)  # (B,)
             all_logits.append(logits)
             tokens = torch.cat([tokens, next_token[:, None]], dim=1)  # (B, P + step + 1)
         new = tokens[:, prompt.shape[1]:]  # (B, N)

@@ -86,7 +86,8 @@ class Handoff:
     blocks: SequenceBlocks  # its cache blocks, as the manager exported them
     # per cache group (L_g, 2, n, Hkv, BS, D), with (L_g, 2, n, Hkv, BS) scales beside codes
     data: tuple[BlockData, ...]
-    rng_state: torch.Tensor | None  # its generator's state (seeded sampling), else None
+    # NOTE: no random state moves: a seeded request's draws are hashed from its seed and
+    # len(output_ids) (kvlib.sampling.sample), both in the handoff already.
 
     @property
     def nbytes(self) -> int:
@@ -107,7 +108,6 @@ class SequenceState:
 
     seq_id: int
     request: Request
-    generator: torch.Generator | None  # this request's own random stream (seeded sampling)
     arrival_s: float
     output_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0  # tokens whose keys and values are in the cache

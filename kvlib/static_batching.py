@@ -31,7 +31,7 @@ from kvlib.checks import require_int
 from kvlib.config import CacheConfig
 from kvlib.model import TransformerLM
 from kvlib.outputs import EngineMetrics, GenerateResult, RequestOutput, StepRecord
-from kvlib.sampling import SamplingParams, sample_next
+from kvlib.sampling import SamplingBatch, SamplingParams, sample
 
 
 @torch.no_grad()
@@ -97,7 +97,6 @@ def _check_requests(model: TransformerLM, prompts: list[list[int]],
 def _run_batch(model, cache, prompts, samplings, lengths, stops, members, t0, metrics,
                outputs) -> None:
     device = model.embed.weight.device
-    gens = [samplings[i].generator(device) for i in members]
     out: list[list[int]] = [[] for _ in members]
     done = [False] * len(members)
     reasons = ["length"] * len(members)
@@ -121,6 +120,9 @@ def _run_batch(model, cache, prompts, samplings, lengths, stops, members, t0, me
         hidden = model.packed_hidden_states(token_ids, lens, cache, fed)  # (N, d)
         last = torch.tensor(lens).cumsum(0) - 1  # (B',) row of each member's last token
         logits = model.lm_head(hidden[last.to(device)]).float()  # (B', V)
+        rows = SamplingBatch.make([samplings[members[j]] for j in fed], [len(out[j]) for j in fed],
+                                  logits.shape[-1], device)
+        picked = sample(logits, rows).tolist()  # (B',) one read; finished members' ignored
         now = time.perf_counter()
         events = []
         for row, j in enumerate(fed):
@@ -129,7 +131,7 @@ def _run_batch(model, cache, prompts, samplings, lengths, stops, members, t0, me
                 out[j].append(out[j][-1])  # padding, thrown away below
                 events.append((i, "pad", 1))
                 continue
-            token = int(sample_next(logits[row:row + 1], samplings[i], gens[j])[0])
+            token = picked[row]
             out[j].append(token)
             metrics.num_generated_tokens += 1
             if step == 0:

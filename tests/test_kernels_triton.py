@@ -386,6 +386,35 @@ def test_engine_over_int8_codes_reads_them_in_the_kernels():
     assert pool.dtype == torch.int8 and engine.cache.storage.scales[0].dtype == torch.float32
 
 
+
+@runs_kernels
+def test_engine_with_decode_graphs_on_the_triton_backend_equals_eager():
+    """Decode steps over the persistent buffers (kvlib.cuda_graphs): padded to buckets 1, 2,
+    4 and 8, tables at the cache's widest width, two cache groups and sinks, greedy and seeded.
+    On a GPU real CUDA graphs are captured and replayed; under the interpreter the stand-in
+    runs the same Triton kernels again on the same buffers."""
+    from kvlib.engine import BatchedInferenceEngine
+    from kvlib.sampling import SamplingParams
+
+    cfg = ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                      max_seq_len=64, sliding_window=6, sliding_layers=(0,), sink_tokens=2)
+    model = demo_model(cfg, seed=1).to(DEVICE)
+    model.attention = "triton"
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 64, (n,), generator=gen).tolist() for n in (9, 3, 14, 5, 7)]
+    samplings = [SamplingParams(), SamplingParams(temperature=1.0, seed=4)] * 2 + [
+        SamplingParams()]
+    outputs = {}
+    for graphs in (False, True):
+        engine = BatchedInferenceEngine(model, num_blocks=40, block_size=4, max_num_seqs=8,
+                                        cuda_graphs=graphs)
+        out = engine.generate(prompts, samplings, [6, 2, 5, 4, 3], show_progress=False)
+        outputs[graphs] = [o.token_ids for o in out.outputs]
+    assert outputs[True] == outputs[False]
+    assert engine.graphs.num_replays > 0
+    assert engine.graphs.use_cuda_graphs == (DEVICE == "cuda")
+
+
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 

@@ -71,6 +71,10 @@ def test_gpu_engine_bench_runs_on_the_cpu_with_a_tiny_model():
     # fp32 on the CPU: every schedule's greedy outputs equal the engine's
     assert all(n == last["requests"] for n in last["greedy_equal_to_engine"].values())
     assert last["syncs_per_decode_step"] is None  # counted on a GPU only
+    # eager against the graphs' stand-in (re-run on the persistent buffers) on the CPU
+    assert not last["graphs_real"] and not last["decode_step_cuda_graphs"]
+    assert set(last["graph_step_ms"]) == set(last["eager_step_ms"]) == {"1", "4"}
+    assert all(last["graphs_outputs_equal"].values())
     assert last["device"].startswith("cpu")
 
 

@@ -198,11 +198,29 @@ class PagedKVCache:
     def read(self, layer: int, batch: StepBatch) -> PagedKV:
         self._check_layer(layer)
         self._ledger.check(batch)
-        g = self.storage.group_of(layer)
-        group, tables = self.groups[g], self._open.tables
-        return PagedKV(self.k_pool(layer), self.v_pool(layer), tables.block_tables[g],
-                       tables.context_lens, group.window, group.sink_tokens,
-                       *self.storage.scale_pools(layer))
+        tables = self._open.tables
+        return self.view(layer, tables.block_tables[self.storage.group_of(layer)],
+                         tables.context_lens)
+
+    def view(self, layer: int, block_tables: torch.Tensor, context_lens: torch.Tensor) -> PagedKV:
+        """The layer's pools (and scales) read through the given (B, M) tables of its group and
+        (B,) lengths, with the group's window and sinks: what `read` hands attention, for
+        tables kept elsewhere (a CUDA graph's persistent buffers, kvlib.cuda_graphs)."""
+        group = self.groups[self.storage.group_of(self._check_layer(layer))]
+        return PagedKV(self.k_pool(layer), self.v_pool(layer), block_tables, context_lens,
+                       group.window, group.sink_tokens, *self.storage.scale_pools(layer))
+
+    def step_tables(self, batch: StepBatch) -> StepTables:
+        """The open step's block tables (one (B, M) per group) and lengths, on the device."""
+        self._ledger.check(batch)
+        return self._open.tables
+
+    def record_writes(self, batch: StepBatch) -> None:
+        """Every layer of the open step has written it, through `storage.write` at the step's
+        slots, outside `write`: a step replayed from a CUDA graph, whose Python did not run."""
+        self._ledger.check(batch)
+        for layer in range(self.num_layers):
+            self._ledger.wrote(layer)
 
     def commit(self, batch: StepBatch) -> None:
         self._ledger.close(batch, complete=True)

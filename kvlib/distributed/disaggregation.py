@@ -25,8 +25,9 @@ staging buffer, then imports), so a prefill process that dies mid-transfer costs
 (Engines that receive straight into reserved blocks -- NIXL's one-sided reads -- must free
 them when the peer goes away.)
 
-Seeded sampling moves with the request: the decode engine's generator continues from the
-prefill engine's state, so every output equals what one engine alone would produce.
+Seeded sampling needs no state to move: a request's random numbers are hashed from its seed
+and the count of tokens it generated (`kvlib.sampling.sample`), so the decode engine draws what
+the prefill engine would have, and every output equals what one engine alone would produce.
 """
 
 from __future__ import annotations
@@ -105,7 +106,6 @@ def header(handoff: Handoff, index: int) -> dict[str, Any]:
                    "hashes": list(b.hashes)},
         "data": [[{"shape": list(t.shape), "dtype": str(t.dtype)} for t in _parts(d)]
                  for d in handoff.data],
-        "rng_bytes": 0 if handoff.rng_state is None else handoff.rng_state.numel(),
     }
 
 
@@ -186,10 +186,8 @@ def send_request(handoff: Handoff, index: int, dst: int = DECODE) -> Transfer:
         for d in handoff.data:
             for t in _parts(d):
                 dist.send(t.contiguous(), dst)
-        if handoff.rng_state is not None:
-            dist.send(handoff.rng_state, dst)
         accepted = _await_answer(dst) == IMPORTED
-        sent += handoff.nbytes + (0 if handoff.rng_state is None else handoff.rng_state.numel())
+        sent += handoff.nbytes
     return Transfer(index, len(handoff.request.prompt_ids), handoff.nbytes, sent,
                     answered - start, time.perf_counter() - answered, accepted)
 
@@ -202,13 +200,9 @@ def receive_request(engine: BatchedInferenceEngine, h: dict[str, Any], src: int 
     for parts in data:
         for t in parts:
             dist.recv(t, src)
-    rng = None
-    if h["rng_bytes"]:
-        rng = torch.empty(h["rng_bytes"], dtype=torch.uint8)
-        dist.recv(rng, src)
     device = engine.model.embed.weight.device
     handoff = Handoff(_request(h), tuple(h["output_ids"]), _blocks(h),
-                      tuple(_on(parts, device) for parts in data), rng)
+                      tuple(_on(parts, device) for parts in data))
     return engine.import_request(handoff)
 
 

@@ -280,7 +280,7 @@ def _run(replicas: list[SimReplica], trace: Sequence[TimedRequest],
         t_next = nxt.next_event_s()
         if k < len(arrivals) and trace[arrivals[k]].arrival_s <= t_next:
             r = trace[arrivals[k]]
-            seq = SequenceState(arrivals[k], r.request, None, arrival_s=r.arrival_s)
+            seq = SequenceState(arrivals[k], r.request, arrival_s=r.arrival_s)
             times[seq.seq_id] = _Times(r.arrival_s)
             replicas[choose(r)].put(r.arrival_s, seq, "new")
             k += 1

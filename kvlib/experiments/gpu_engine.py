@@ -72,6 +72,8 @@ class DecodeStep:
     step_s: float  # median time of one engine step (all decodes)
     floor_s: float  # (weight bytes + KV bytes) / copy bandwidth
     syncs_per_step: float | None  # CUDA: host synchronisations warned per step
+    cuda_graphs: bool  # decode steps replayed from graphs (kvlib.cuda_graphs)
+    token_ids: tuple[tuple[int, ...], ...]  # every sequence's greedy output, run to the end
 
     @property
     def over_floor(self) -> float:
@@ -95,19 +97,24 @@ def _count_syncs(fn) -> int | None:
 
 
 def decode_step(model: TransformerLM, batch_size: int, context_len: int, *,
-                bandwidth: float, steps: int = 8, block_size: int = 16) -> DecodeStep:
+                bandwidth: float, steps: int = 8, block_size: int = 16,
+                cuda_graphs: bool = False) -> DecodeStep:
     """Time engine steps in which `batch_size` sequences of `context_len` tokens each decode
-    one token; count their host synchronisations."""
+    one token; count their host synchronisations. `cuda_graphs` as the engine takes it; a
+    graph is captured by the untimed first decode step (every timed step has `batch_size`
+    sequences: one bucket)."""
     device = model.embed.weight.device
     per_seq = -(-(context_len + steps + 6) // block_size)
     engine = BatchedInferenceEngine(model, num_blocks=batch_size * per_seq,
                                     block_size=block_size, max_num_seqs=batch_size,
                                     max_num_batched_tokens=max(batch_size,
-                                                               min(8192, batch_size * context_len)))
+                                                               min(8192, batch_size * context_len)),
+                                    cuda_graphs=cuda_graphs)
     gen = torch.Generator().manual_seed(batch_size)
+    ids = []
     for _ in range(batch_size):
         prompt = torch.randint(0, model.config.vocab_size, (context_len,), generator=gen)
-        engine.add_request(prompt.tolist(), max_new_tokens=steps + 6)
+        ids.append(engine.add_request(prompt.tolist(), max_new_tokens=steps + 6))
     while engine.metrics.steps == [] or engine.metrics.steps[-1].num_prefill_tokens:
         engine.step()  # prefill every prompt (in as many steps as the budget takes)
     engine.step()  # one decode step untimed: first-call costs
@@ -125,5 +132,7 @@ def decode_step(model: TransformerLM, batch_size: int, context_len: int, *,
     kv = batch_size * (context_len + steps) * engine.cache.config.bytes_per_token
     floor = (weight_bytes(model) + kv) / bandwidth
     counted = [s for s in syncs if s is not None]
+    engine.run(show_progress=False)
     return DecodeStep(batch_size, context_len, statistics.median(times), floor,
-                      statistics.mean(counted) if counted else None)
+                      statistics.mean(counted) if counted else None, engine.graphs is not None,
+                      tuple(tuple(engine.output(i).token_ids) for i in ids))
