@@ -41,12 +41,13 @@ def test_module_doctests():
 
 
 @pytest.mark.parametrize("setup", ["paged", "int8-codes", "window-6", "gemma-style",
-                                   "sinks-2-window-6"])
+                                   "sinks-2-window-6", "mla", "mla-sinks-2-window-6"])
 @pytest.mark.parametrize("backend", ["fast", "reference"])
 @pytest.mark.parametrize("num_requests", [1, 3, 13])
 def test_replayed_decode_steps_equal_eager_ones(setup, backend, num_requests):
     """Greedy and seeded requests of different lengths (sequences finish mid-run, so the
-    batch shrinks through the buckets), windows, sinks, two cache groups, INT8 codes."""
+    batch shrinks through the buckets), windows, sinks, two cache groups, INT8 codes, latent
+    attention."""
     model = make_model(SETUPS[setup])
     model.attention = backend
     prompts, lengths, samplings = random_requests(num_requests, seed=num_requests)
