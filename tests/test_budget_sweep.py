@@ -97,3 +97,30 @@ def test_summary_reads_the_smallest_budget_that_holds():
                                     "far_copy_holds": 0.5}}}
     rows[2]["bpb"] = 1.7  # a bump above 1% at 0.5: only budgets above it count
     assert budget_sweep.summary(rows)["decode"]["p"]["bpb_within"] is None
+
+
+class InductionOracle:
+    """Predicts, after token x, whatever followed x's previous occurrence (token 0 if none):
+    a perfect copier, for `reread` to score."""
+
+    def __call__(self, seq):  # (1, S) -> (1, S, V)
+        ids = seq[0].tolist()
+        logits = torch.zeros(1, len(ids), 300)
+        after: dict[int, int] = {}
+        for t, x in enumerate(ids):
+            logits[0, t, after.get(x, 0)] = 1.0
+            if t + 1 < len(ids):
+                after[x] = ids[t + 1]  # noted after predicting: only earlier occurrences
+        return logits
+
+
+def test_reread_scores_each_copy_inside_itself():
+    ids = [256, *range(10, 60)]  # distinct tokens: nothing repeats inside one copy
+    got = held_out.reread(InductionOracle(), ids, 40)
+    assert got == held_out.Reread(0.0, 1.0)
+
+
+@pytest.mark.parametrize("length", [1, 50])
+def test_reread_refuses_lengths_the_file_cannot_give(length):
+    with pytest.raises(ValueError, match="reread needs"):
+        held_out.reread(InductionOracle(), [256, *range(10, 40)], length)

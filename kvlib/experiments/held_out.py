@@ -152,6 +152,32 @@ def recall(logits: torch.Tensor, probe: CopyProbe) -> Recall:
     return Recall(bool(hits.all()), float(hits.float().mean()), bits)
 
 
+@dataclass(frozen=True)
+class Reread:
+    """Top-1 accuracy on a stretch of text read once, and on the same stretch read again."""
+
+    first: float
+    second: float
+
+
+def reread(model: TransformerLM, file_ids: Sequence[int], length: int) -> Reread:
+    """Feed [eos] + the file's first `length` tokens, then the same `length` tokens again,
+    and score the greedy next token inside each copy. A model that copies from its context
+    (induction heads) predicts nearly all of the second copy; one that does not, no better
+    than the first."""
+    if length < 2 or len(file_ids) < length + 1:
+        raise ValueError(f"reread needs 2 <= length <= {len(file_ids) - 1}; got {length}")
+    text = list(file_ids[1:length + 1])
+    seq = torch.tensor([file_ids[0], *text, *text])  # (1 + 2 * length,)
+    with torch.no_grad():
+        picked = model(seq[None])[0].argmax(-1)  # (1 + 2 * length,)
+    hit = picked[:-1] == seq[1:]  # (2 * length,) position t predicted token t + 1
+    # Inside each copy: the first copy's tokens 2..length, the second's 2..length (the first
+    # token of each copy follows an end of text or the other copy's end: not a copy).
+    return Reread(float(hit[1:length].float().mean()),
+                  float(hit[length + 1:2 * length].float().mean()))
+
+
 def far_repeats(ids: Sequence[int], start: int, ngram: int = 4,
                 min_distance: int = 256) -> list[int]:
     """Positions t >= start whose next token continues an n-gram (ids[t - n + 2 .. t + 1])
