@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvlib import analysis
 from kvlib.bench import measure
 from kvlib.config import ModelConfig
 from kvlib.engine import BatchedInferenceEngine
@@ -136,3 +137,49 @@ def decode_step(model: TransformerLM, batch_size: int, context_len: int, *,
     return DecodeStep(batch_size, context_len, statistics.median(times), floor,
                       statistics.mean(counted) if counted else None, engine.graphs is not None,
                       tuple(tuple(engine.output(i).token_ids) for i in ids))
+
+
+def floor_s(config: ModelConfig, batch_size: int, context_len: int, bandwidth: float,
+            dtype: str = "bf16") -> float:
+    """The floor of a decode step of `config` from its shape alone (no model built): every
+    weight and every sequence's keys and values read once, at `bandwidth` bytes per second."""
+    kv = analysis.kv_cache_bytes(config, context_len, batch_size, dtype)
+    return (analysis.weight_bytes(config, dtype) + kv) / bandwidth
+
+
+@dataclass(frozen=True)
+class HostCost:
+    """Engine decode steps of models too small to compute anything: the time is the host's,
+    fitted as `per_step_s + per_layer_s * L` over models of L layers."""
+
+    layers: tuple[int, ...]
+    step_s: tuple[float, ...]  # median decode step time for each L
+    per_step_s: float
+    per_layer_s: float
+
+
+def time_host_steps(layers: tuple[int, ...] = (1, 4, 16), batch_size: int = 16,
+              context_len: int = 32) -> HostCost:
+    """Time decode steps of tiny models (width 32, 2 heads) of each depth on this device's
+    host, and fit the time per step and per layer by least squares."""
+    times = []
+    for L in layers:
+        config = ModelConfig(vocab_size=64, d_model=32, num_layers=L, num_heads=2,
+                             num_kv_heads=2, ffn_dim=64, max_seq_len=128, name=f"tiny-{L}")
+        model = random_model(config, "cpu", torch.float32)
+        times.append(decode_step(model, batch_size, context_len, bandwidth=1.0).step_s)
+    return HostCost(tuple(layers), tuple(times), *fit_line(layers, times))
+
+
+def fit_line(xs, ys) -> tuple[float, float]:
+    """Least-squares (intercept, slope) of ys against xs.
+
+    >>> fit_line([1, 2, 4], [3.0, 5.0, 9.0])
+    (1.0, 2.0)
+    """
+    if len(xs) != len(ys) or len(set(xs)) < 2:
+        raise ValueError(f"fit_line needs as many ys as xs and two distinct xs; got {xs}, {ys}")
+    x = torch.tensor(xs, dtype=torch.float64)  # (n,)
+    y = torch.tensor(ys, dtype=torch.float64)  # (n,)
+    slope = float(((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum())
+    return round(float(y.mean()) - slope * float(x.mean()), 12), round(slope, 12)
