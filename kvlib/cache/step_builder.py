@@ -102,7 +102,7 @@ class StepBuilder:
         src = torch.from_numpy(host)
         if self.device.type == "cuda":
             src = self._pin(src)
-        self._device_buf[:size].copy_(src, non_blocking=True)  # the step's one host-to-device copy
+        self._device_buf[:size].copy_(src, non_blocking=True)  # the builder's one copy
         if self.device.type == "cuda":
             event = torch.cuda.Event()
             event.record()
