@@ -72,10 +72,17 @@ def bucket_for(num_seqs: int, sizes: tuple[int, ...]) -> int | None:
     return next((b for b in sizes if b >= num_seqs), None)
 
 
+def _not_paged(cache: object) -> str | None:
+    """Why `cache` cannot be replayed over (any device), or None for a PagedKVCache."""
+    if isinstance(cache, PagedKVCache):
+        return None
+    return f"a {type(cache).__name__} (graphs replay steps over a PagedKVCache's blocks)"
+
+
 def graphs_supported(model: TransformerLM, cache: object) -> str | None:
     """None when decode steps of `model` over `cache` can be captured on a GPU, else why not."""
-    if not isinstance(cache, PagedKVCache):
-        return f"a {type(cache).__name__} (graphs replay steps over a PagedKVCache's blocks)"
+    if (why := _not_paged(cache)) is not None:
+        return why
     if model.attention not in GRAPH_BACKENDS:
         return f"attention {model.attention!r} (graphs take one of {GRAPH_BACKENDS})"
     from kvlib.kernels.common import supports_block_size, triton
@@ -156,9 +163,7 @@ class DecodeGraphs:
 
     def __init__(self, model: TransformerLM, cache: PagedKVCache, max_batch: int, *,
                  use_cuda_graphs: bool) -> None:
-        why = graphs_supported(model, cache) if use_cuda_graphs else None
-        if why is None and not isinstance(cache, PagedKVCache):
-            why = f"a {type(cache).__name__} (graphs replay steps over a PagedKVCache's blocks)"
+        why = graphs_supported(model, cache) if use_cuda_graphs else _not_paged(cache)
         if why is not None:
             raise ValueError(f"decode steps cannot be replayed from graphs over {why}")
         if use_cuda_graphs and torch.device(cache.config.device).type != "cuda":
