@@ -67,8 +67,9 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if params.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
-        probs = torch.softmax(sorted_logits, dim=-1)
+        # Stable: among equal logits the lower id ranks first, as in filter_batch.
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True, stable=True)
+        probs = torch.softmax(sorted_logits, dim=-1)  # (B, V)
         # Keep the smallest prefix whose mass reaches top_p: a token is dropped when the
         # mass strictly before it already reaches top_p. The top token is always kept.
         before = torch.cumsum(probs, dim=-1) - probs  # (B, V)

@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from kvlib.sampling import (
@@ -139,6 +139,8 @@ def test_other_seeds_and_positions_draw_differently():
 @given(st.integers(0, 2**64 - 1), st.lists(st.floats(-5, 5), min_size=2, max_size=30),
        st.one_of(st.none(), st.integers(1, 40)), st.sampled_from([1.0, 0.95, 0.5, 0.1]),
        st.sampled_from([0.3, 1.0, 2.5]), st.integers(0, 10_000))
+@example(0, [0.0] * 17, None, 0.5, 0.3, 0)  # all tied: both keep the lowest ids first
+@example(0, [1.0, 2.0, 2.0, 2.0, 1.0], 2, 0.5, 1.0, 0)  # ties at the k-th value all stay
 def test_filter_batch_equals_filter_logits_and_the_draw_is_kept(seed, values, top_k, top_p,
                                                                 temperature, position):
     """The batched filter keeps what the one-params reference keeps, with the same values;
