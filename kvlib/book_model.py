@@ -8,6 +8,10 @@ It is a Hugging Face folder (`config.json` for `LlamaForCausalLM`, fp16 `model.s
 every hyperparameter, the loss curves and the held-out metrics. `tools/train_model.py` made
 it on a 2-core CPU; chapter 8 tells how, and what it can and cannot do.
 
+Beside it, `path(COPYING)` is the same model fine-tuned until it copies from its context
+(`tools/train_copying.py`): the book's model has no induction heads, and chapter 9 needs one
+that has, to ask which cache policies break copying.
+
 >>> path().name
 'stdlib-lm'
 >>> (path() / "config.json").is_file()
@@ -26,12 +30,15 @@ from kvlib import hf
 from kvlib.model import TransformerLM
 
 NAME = "stdlib-lm"
+COPYING = "stdlib-lm-copying"  # the same, fine-tuned to copy (tools/train_copying.py)
 EOS = "<|endoftext|>"  # frames every file: [eos] + the file's tokens + [eos]
 
 
-def path() -> Path:
-    """The checkpoint folder inside the installed kvlib package."""
-    return Path(__file__).resolve().parent / "assets" / NAME
+def path(name: str = NAME) -> Path:
+    """The checkpoint folder inside the installed kvlib package (`NAME` or `COPYING`)."""
+    if name not in (NAME, COPYING):
+        raise ValueError(f"kvlib ships {NAME!r} and {COPYING!r}, not {name!r}")
+    return Path(__file__).resolve().parent / "assets" / name
 
 
 def load(dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> TransformerLM:

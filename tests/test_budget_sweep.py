@@ -84,17 +84,21 @@ def test_a_sweep_records_every_point_and_the_full_cache_is_the_model(book):
     full = [r for r in records if r["fraction"] == 1.0]
     assert all(r["agreement"] == 1.0 for r in full)
     assert len({r["bpb"] for r in full}) == 1  # every policy's full cache is the same model
+    whole = budget_sweep.full_logits(book, data)
+    expected = sum(held_out.recall(whole[f"probe {i}"], p).bits
+                   for i, p in enumerate(data.probes)) / 2
+    assert all(r["name_bits"] == pytest.approx(expected, abs=1e-3) for r in full)
     bytes_full = 2 * 2 * 2 * 8 * 2  # K and V x layers x KV heads x head dim x fp16
     assert all(r["bytes_per_token"] == r["fraction"] * bytes_full for r in records)
 
 
 def test_summary_reads_the_smallest_budget_that_holds():
-    rows = [dict(policy="p", regime="decode", fraction=f, bpb=b, recall=c, far_copy=c / 2)
-            for f, b, c in [(0.1, 2.0, 0.0), (0.3, 1.505, 0.5), (0.5, 1.49, 0.95),
+    rows = [dict(policy="p", regime="decode", fraction=f, bpb=b, recall=c, far_copy=c / 2,
+                 name_accuracy=min(1.0, 2 * c)) for f, b, c in [(0.1, 2.0, 0.0), (0.3, 1.505, 0.5), (0.5, 1.49, 0.95),
                             (1.0, 1.5, 1.0)]]
     got = budget_sweep.summary(rows)
     assert got == {"decode": {"p": {"bpb_within": 0.3, "recall_holds": 0.5,
-                                    "far_copy_holds": 0.5}}}
+                                    "name_accuracy_holds": 0.3, "far_copy_holds": 0.5}}}
     rows[2]["bpb"] = 1.7  # a bump above 1% at 0.5: only budgets above it count
     assert budget_sweep.summary(rows)["decode"]["p"]["bpb_within"] is None
 

@@ -55,10 +55,11 @@ def installed(tmp_path_factory) -> Path:
     return site
 
 
-def test_the_wheel_carries_the_book_model(installed):
-    """kvlib.book_model's checkpoint is package data: a pip install has all of it."""
-    shipped = ROOT / "kvlib" / "assets" / "stdlib-lm"
-    got = installed / "kvlib" / "assets" / "stdlib-lm"
+@pytest.mark.parametrize("name", ["stdlib-lm", "stdlib-lm-copying"])
+def test_the_wheel_carries_the_book_models(installed, name):
+    """kvlib.book_model's checkpoints are package data: a pip install has all of them."""
+    shipped = ROOT / "kvlib" / "assets" / name
+    got = installed / "kvlib" / "assets" / name
     assert {p.name for p in got.iterdir()} == {p.name for p in shipped.iterdir()}
     assert (got / "model.safetensors").stat().st_size == (shipped / "model.safetensors").stat().st_size
 

@@ -192,3 +192,32 @@ def test_metrics():
     assert shrink.bits_per_byte(logits, ids, num_bytes=2, start=0) == pytest.approx(
         float(nats.sum()) / math.log(2) / 2)
     assert shrink.agreement(logits, logits, 0) == 1.0
+
+
+def test_copying_heads_read_the_models_own_attention(model):
+    """Against the attention recomputed from what the model's own forward feeds each layer."""
+    heads = shrink.copying_heads(model, length=12, seed=4)
+    R = torch.randint(50 // 8, 50, (12,), generator=torch.Generator().manual_seed(4))
+    ids = torch.cat([torch.zeros(1, dtype=torch.int64), R, R])  # (25,)
+    inputs = {}
+    hooks = [block.attn.register_forward_hook(
+        lambda m, args, out, i=i: inputs.__setitem__(i, args[0])) for i, block in
+        enumerate(model.layers)]
+    with torch.no_grad():
+        model(ids[None])
+    for h in hooks:
+        h.remove()
+    cfg, S = model.config, ids.shape[0]
+    cos, sin = rotary_cos_sin(torch.arange(S), cfg.head_dim, cfg.rope_theta, torch.float64)
+    for i, block in enumerate(model.layers):
+        a, x = block.attn, inputs[i]  # (S, d)
+        q = apply_rotary(a.q_proj(x).view(S, 4, -1), cos[:, None], sin[:, None])  # (S, H, D)
+        k = apply_rotary(a.k_proj(x).view(S, 2, -1), cos[:, None], sin[:, None])  # (S, Hkv, D)
+        scores = torch.einsum("qhd,khd->hqk", q, k.repeat_interleave(2, 1)) / math.sqrt(
+            cfg.head_dim)
+        probs = scores.masked_fill(torch.ones(S, S).triu(1).bool(), -math.inf).softmax(-1)
+        prev = torch.stack([probs[:, t, t - 1] for t in range(1, S)], -1).mean(-1)  # (H,)
+        ind = torch.stack([probs[:, t, t - 11] for t in range(14, S)], -1).mean(-1)  # (H,)
+        torch.testing.assert_close(heads.previous[i], prev.detach())
+        torch.testing.assert_close(heads.induction[i], ind.detach())
+    assert heads.previous.shape == heads.induction.shape == (2, 4)

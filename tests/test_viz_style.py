@@ -48,6 +48,12 @@ from kvlib.widgets import beyond as byw  # noqa: E402
 from kvlib.widgets import paging as pw  # noqa: E402
 
 LLAMA = analysis.PRESETS["llama-3-8b"]
+COPYING_RUN = {  # the shape of a copying fine-tune's record, made-up numbers
+    "hyperparameters": {"ids_steps": 50},
+    "curve": {"step": list(range(10, 101, 10)), "lm_loss": [3.0] * 10,
+              "copy_loss": [8.3] * 4 + [4.0, 1.0, 0.5, 0.4, 0.3, 0.3]},
+    "evals": {"step": [0, 50, 100], "induction_max": [0.01, 0.8, 0.9],
+              "reread_second": [0.35, 0.4, 0.6], "name_token_accuracy_full": [0.0, 0.1, 0.5]}}
 GPU_RESULT = {"device": "test GPU", "copy_TBps": 3.0,
               "rows": [{"B": b, "S": 4096, "kv_GB": 0.1 * b, "paged_ms": 0.05 * b,
                         "sdpa_ms": 0.04 * b, "gather_ms": 0.3 * b, "int8_ms": 0.03 * b}
@@ -179,6 +185,7 @@ DRAWINGS = {
         [1024, 8192, 65536])),
     "loss_curves": _one(lambda ax: tviz.plot_loss_curves(ax, TRAINING_RUN)),
     "bits_per_byte": _one(lambda ax: tviz.plot_bits_per_byte(ax, TRAINING_RUN["metrics"])),
+    "copying_run": _panels(lambda axes: tviz.plot_copying_run(axes, COPYING_RUN), 2),
     "gpu_memory": _one(lambda ax: mviz.plot_gpu_memory(ax, real_models.REAL_MODELS, 4096, 16,
                                                        "bf16", 80, 8)),
     "move_over_compute": _one(lambda ax: byviz.draw_move_over_compute(
@@ -196,10 +203,18 @@ DRAWINGS = {
         1024), 2),
     "first_token_attention": _one(lambda ax: sviz.plot_first_token_attention(
         ax, torch.rand(4, 4) * 0.01, 0.007)),
+    "copying_heads": _panels(lambda axes: sviz.plot_copying_heads(
+        axes, {"base": _heads(0.01), "fine-tuned": _heads(0.9)}), 2),
     "budget_curves": _one(lambda ax: sviz.plot_budget_curves(ax, _BUDGET_RECORDS, "bpb",
                                                              "decode")),
     "kept": _one(lambda ax: sviz.draw_kept(ax, torch.rand(4, 2, 128) < 0.3, 16, "SnapKV")),
 }
+
+
+def _heads(top: float):
+    from kvlib.experiments.shrink import CopyingHeads
+
+    return CopyingHeads(torch.rand(4, 4) * 0.6, torch.rand(4, 4) * top)
 
 
 NUMBER = re.compile(r"^[-−+]?[\d.,]+(e[-+]?\d+)?\s*[%x]?$")

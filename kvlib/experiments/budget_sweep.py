@@ -125,6 +125,7 @@ def measure(book: BookModel, data: Texts, policy: shrink.Policy, regime: str, fr
             "far_copy": round(far_hits / max(far_total, 1), 4),
             "recall": round(sum(r.exact for r in recalls) / len(recalls), 4),
             "name_accuracy": round(sum(r.token_accuracy for r in recalls) / len(recalls), 4),
+            "name_bits": round(sum(r.bits for r in recalls) / len(recalls), 3),
             "bytes_per_token": round(fraction * full_bytes, 1),
             "paged_bytes_per_token": round(sum(paged) / len(paged) * full_bytes, 1)
             if policy.rest is None else round(fraction * full_bytes, 1)}
@@ -166,15 +167,17 @@ def sweep(book: BookModel, data: Texts, policies: Iterable[shrink.Policy] | None
 def summary(records: Sequence[dict], tolerance: float = 0.01,
             recall_share: float = 0.9) -> dict[str, dict[str, dict[str, float | None]]]:
     """regime -> policy -> the smallest budget from which bits per byte stay within
-    `tolerance` of the full cache's (and every larger budget too), and the same for recall
-    (and far copying) staying at least `recall_share` of the full cache's; None if no budget
-    below 1 does."""
+    `tolerance` of the full cache's (and every larger budget too), and the same for recall,
+    the name's tokens predicted and far copying staying at least `recall_share` of the full
+    cache's; None if no budget below 1 does."""
     out: dict[str, dict[str, dict[str, float | None]]] = {}
     for (regime, policy), rows in _by_curve(records).items():
         full = rows[-1]  # fraction 1.0: nothing dropped
         out.setdefault(regime, {})[policy] = {
             "bpb_within": _holds_from(rows, "bpb", at_most=full["bpb"] * (1 + tolerance)),
             "recall_holds": _holds_from(rows, "recall", at_least=full["recall"] * recall_share),
+            "name_accuracy_holds": _holds_from(
+                rows, "name_accuracy", at_least=full["name_accuracy"] * recall_share),
             "far_copy_holds": _holds_from(rows, "far_copy",
                                           at_least=full["far_copy"] * recall_share),
         }

@@ -288,6 +288,42 @@ def first_token_attention(model: TransformerLM, ids: Sequence[int] | torch.Tenso
     return torch.stack(shares)  # (L, H)
 
 
+@dataclass(frozen=True)
+class CopyingHeads:
+    """Per layer and head (L, H), on `length` random tokens read twice: the mean attention a
+    token pays to the token just before it (previous-token heads), and the mean attention a
+    token of the second reading pays to the token that followed its twin in the first
+    (induction heads, which copy: Olsson et al., 2022). An even spread gives about 1/position."""
+
+    previous: torch.Tensor  # (L, H)
+    induction: torch.Tensor  # (L, H)
+
+
+@torch.no_grad()
+def copying_heads(model: TransformerLM, length: int = 64, seed: int = 0) -> CopyingHeads:
+    """Feed [token 0] + R + R, R `length` ids drawn (seeded) from the top seven eighths of
+    the vocabulary (nothing but the first reading predicts the second), and read every
+    head's attention."""
+    V = model.config.vocab_size
+    g = torch.Generator().manual_seed(seed)
+    R = torch.randint(V // 8, V, (length,), generator=g)  # (length,)
+    ids = _check(model, torch.cat([torch.zeros(1, dtype=torch.int64), R, R]), "decode", None)
+    S = ids.shape[0]
+    causal = torch.ones(S, S, dtype=torch.bool, device=ids.device).tril()  # (S, S)
+    t = torch.arange(length + 2, S, device=ids.device)  # second reading, from its 2nd token
+    prev, induction = [], []
+
+    def attend(layer: int, qkv: LayerQKV) -> torch.Tensor:
+        probs = qkv.scores.masked_fill(~causal, float("-inf")).softmax(-1)  # (Hkv, G, S, S)
+        q = torch.arange(1, S, device=ids.device)
+        prev.append(probs[:, :, q, q - 1].mean(-1).flatten())  # (H,)
+        induction.append(probs[:, :, t, t - length + 1].mean(-1).flatten())  # (H,)
+        return torch.einsum("hgst,htd->hgsd", probs.to(qkv.v.dtype), qkv.v)
+
+    _forward(model, ids, attend)
+    return CopyingHeads(torch.stack(prev).cpu(), torch.stack(induction).cpu())
+
+
 def uniform_first_token_share(num_tokens: int, start: int = 16) -> float:
     """The mean attention on token 0 over queries `start`..S-1 if each spread its attention
     evenly over its keys (query t: 1 / (t + 1)): what `first_token_attention` compares with.

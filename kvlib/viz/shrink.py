@@ -1,6 +1,6 @@
 """Drawings for chapter 9 (shrinking the cache): quality against budget per policy, which
-tokens each head keeps against the blocks a paged cache frees, the attention sink, and what
-latent attention reads and computes. Each draws on a given Axes; numbers come from
+tokens each head keeps against the blocks a paged cache frees, the attention sink, the heads
+that copy, and what latent attention reads and computes. Each draws on a given Axes; numbers come from
 `kvlib.experiments.shrink`, `budget_sweep` and `kvlib.mla`."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import torch
 from matplotlib.axes import Axes
 
 from kvlib.eviction import freeable_blocks
+from kvlib.experiments.shrink import CopyingHeads
 from kvlib.mla import DecodeCost
 
 # One colour and line per policy, in every figure of the chapter.
@@ -26,6 +27,8 @@ POLICY_STYLE = {
 }
 METRICS = {"bpb": "held-out bits per byte", "agreement": "greedy agreement with full cache",
            "far_copy": "top-1 on far repeats", "recall": "names recalled (share of probes)",
+           "name_accuracy": "name tokens predicted (top-1)",
+           "name_bits": "bits to name the name (mean)",
            "paged_bytes_per_token": "bytes per token a paged cache holds"}
 BUDGET_TICKS = (5, 10, 20, 30, 50, 75, 100)
 
@@ -90,6 +93,25 @@ def plot_first_token_attention(ax: Axes, shares: torch.Tensor, uniform: float) -
     ax.yaxis.set_major_formatter(lambda y, _: f"{y:.2%}")
     ax.set_ylim(0, max(float(shares.max()), uniform) * 1.5)
     ax.legend(ncols=min(H + 1, 3))
+
+
+def plot_copying_heads(axes: Sequence[Axes], heads: Mapping[str, CopyingHeads]) -> None:
+    """Two panels, the strongest head of each layer per model: the attention a token pays to
+    the token before it (previous-token heads), and the attention a token read a second time
+    pays to what followed it the first time (induction heads). `shrink.copying_heads`."""
+    L = next(iter(heads.values())).previous.shape[0]
+    width = 0.8 / len(heads)
+    for ax, field, title in zip(axes, ("previous", "induction"),
+                                ("to the token before", "to what followed its twin")):
+        for m, (name, h) in enumerate(heads.items()):
+            best = getattr(h, field).max(dim=1).values.numpy()  # (L,)
+            ax.bar(np.arange(L) + (m - (len(heads) - 1) / 2) * width, best, width, label=name)
+        ax.set_xticks(range(L), [f"layer {i}" for i in range(L)])
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("attention, strongest head")
+        ax.yaxis.set_major_formatter(lambda y, _: f"{y:.0%}")
+        ax.set_title(title)
+    axes[1].legend(loc="upper left")
 
 
 def plot_mla_costs(axes: Sequence[Axes], costs: Mapping[str, DecodeCost], context: int) -> None:

@@ -1,4 +1,5 @@
-"""Drawings of the book model's training run: loss curves, bits per byte beside compressors.
+"""Drawings of the book model's training runs: loss curves, bits per byte beside compressors,
+and the fine-tune that taught it to copy.
 
 `kvlib.book_model.training_run()` holds the numbers. Each draws on a given Axes, in the
 book's figure style (`viz.style`): no text smaller than the style's, units in the labels."""
@@ -49,3 +50,33 @@ def plot_bits_per_byte(ax: Axes, metrics: Mapping[str, Any]) -> None:
     ax.set_xlim(0, max(bars.values()) * 1.25)  # room for the numbers
     ax.set_xlabel("bits per byte (lower is better)")
     ax.set_title(f"{metrics['heldout_files']} held-out files, {metrics['heldout_bytes']:,} bytes")
+
+
+def plot_copying_run(axes, fine_tune: Mapping[str, Any]) -> None:
+    """The copying fine-tune (`tools/train_copying.py`): left, both losses against the step
+    (copying at chance, ln 4096 nats, until an induction head forms); right, what it measured
+    every few steps: the strongest induction head, text read a second time, and the name's
+    tokens recalled. A dotted line where the repeats stop being random ids only."""
+    curve, evals = fine_tune["curve"], fine_tune["evals"]
+    switch = fine_tune["hyperparameters"]["ids_steps"]
+    left, right = axes
+    left.plot(curve["step"], curve["lm_loss"], color=COLORS["cached"], lw=1,
+              label="language modelling")
+    left.plot(curve["step"], curve["copy_loss"], color=COLORS["uncached"], lw=1,
+              label="copying (the repeats)")
+    left.set_ylabel("loss (nats per token)")
+    left.legend(frameon=False, loc="upper right")
+    right.plot(evals["step"], evals["induction_max"], marker="o", ms=4,
+               color=COLORS["measured"], label="strongest induction head")
+    right.plot(evals["step"], evals["reread_second"], marker="o", ms=4,
+               color=COLORS["cached"], label="second reading, top-1")
+    right.plot(evals["step"], evals["name_token_accuracy_full"], marker="o", ms=4,
+               color=COLORS["uncached"], label="name tokens, top-1")
+    right.set_ylim(0, 1)
+    right.set_ylabel("share")
+    right.yaxis.set_major_formatter(lambda y, _: f"{y:.0%}")
+    right.legend(frameon=False, loc="upper left")
+    for ax in axes:
+        ax.axvline(switch, color=COLORS["claim"], ls=":", lw=1.2)
+        ax.set_xlabel("fine-tuning step")
+        ax.grid(True, alpha=0.3)
