@@ -104,3 +104,61 @@ def test_training_script_runs_a_few_steps(tmp_path):
     assert run["metrics"]["compressors_bits_per_byte"]["gzip -9"]["per_file"] > 0
     loaded = hf.load_pretrained(out)
     assert loaded.config.vocab_size == run["tokenizer"]["vocab_size"]
+
+
+def test_copying_script_fine_tunes_a_few_steps(tmp_path):
+    """The copying fine-tune on a tiny base for 4 steps, measured, saved and scored."""
+    base, out = tmp_path / "base", tmp_path / "copying"
+    for cmd in (["tools/train_model.py", "--smoke", "--max-seq-len", "256", "--out", str(base)],
+                ["tools/train_copying.py", "--smoke", "--base", str(base), "--out", str(out)]):
+        result = subprocess.run([sys.executable, *cmd, "--threads", "1"], cwd=ROOT,
+                                capture_output=True, text=True, timeout=300, check=False)
+        assert result.returncode == 0, result.stderr[-3000:]
+    run = json.loads((out / "training_run.json").read_text())
+    tune = run["fine_tune"]
+    assert tune["curve"]["step"] == [1, 2, 3, 4]
+    assert tune["evals"]["step"] == [0, 2, 4]
+    assert all(len(v) == 3 for v in tune["evals"].values())
+    base_weights = (base / "model.safetensors").read_bytes()
+    assert tune["from"]["sha256"] == hashlib.sha256(base_weights).hexdigest()
+    assert run["corpus"] == json.loads((base / "training_run.json").read_text())["corpus"]
+    assert run["metrics"]["bits_per_byte"] > 0
+    assert hf.load_pretrained(out).config == hf.load_pretrained(base).config
+
+
+@pytest.fixture(scope="module")
+def copying_record() -> dict:
+    folder = book_model.path(book_model.COPYING)
+    return json.loads((folder / "training_run.json").read_text())
+
+
+def test_the_copying_fine_tune_is_shipped_and_names_its_base(copying_record, record):
+    folder = book_model.path(book_model.COPYING)
+    for name, meta in copying_record["files"].items():
+        assert hashlib.sha256((folder / name).read_bytes()).hexdigest() == meta["sha256"], name
+    base_weights = (book_model.path() / "model.safetensors").read_bytes()
+    assert copying_record["fine_tune"]["from"]["sha256"] == hashlib.sha256(
+        base_weights).hexdigest()
+    assert copying_record["corpus"] == record["corpus"]  # the same split: held-out stays held out
+    with pytest.raises(ValueError, match="ships"):
+        book_model.path("stdlib-lm-large")
+
+
+@torch.no_grad()
+def test_the_fine_tune_copies_and_the_base_does_not(model):
+    """What chapter 9 relies on: an induction head in the fine-tune and none in the base, and
+    text read a second time predicted far better than the first time only by the fine-tune."""
+    from kvlib.experiments import held_out, shrink
+
+    copying = held_out.load(book_model.path(book_model.COPYING))
+    base = held_out.load(book_model.path())
+    for book in (base, copying):
+        book.model.attention = "reference"
+    assert float(shrink.copying_heads(base.model).induction.max()) < 0.05
+    assert float(shrink.copying_heads(copying.model).induction.max()) > 0.5
+    files = held_out.heldout_files(base, 512, max_files=2)
+    if not files:
+        pytest.skip("this Python's standard library lacks the held-out files")
+    for ids in files.values():
+        before, after = (held_out.reread(b.model, ids, 200) for b in (base, copying))
+        assert after.second - after.first > 0.1 > before.second - before.first
