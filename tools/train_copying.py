@@ -46,6 +46,7 @@ import argparse
 import copy
 import hashlib
 import json
+import math
 import random
 import sys
 import time
@@ -111,8 +112,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def lr_at(step: int, args) -> float:
     """Linear warm-up, constant, then cosine decay to a tenth over the last steps."""
-    import math
-
     if step <= args.warmup_steps:
         return args.lr * step / args.warmup_steps
     start = int(args.decay_from * args.steps)
