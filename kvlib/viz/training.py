@@ -1,5 +1,4 @@
-"""Drawings of the book model's training runs: loss curves, bits per byte beside compressors,
-and the fine-tune that taught it to copy.
+"""Drawings of the book models' training: loss curves, bits per byte, the copying fine-tune.
 
 `kvlib.book_model.training_run()` holds the numbers. Each draws on a given Axes, in the
 book's figure style (`viz.style`): no text smaller than the style's, units in the labels."""
