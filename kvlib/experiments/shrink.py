@@ -14,6 +14,9 @@ Two variations a policy may ask for:
   sits at slot n - 1 (n keys visible), a sink j at slot j.
 - a quantized rest: what the policy would evict is kept quantized (`rest`), not dropped.
 
+Two readings of the full cache's attention, head by head: the attention sink
+(`first_token_attention`) and the heads that copy (`copying_heads`).
+
 Legend: S tokens, P prompt tokens, L layers, H heads, Hkv KV heads, G = H / Hkv, D head
 dim, V vocabulary.
 """
