@@ -25,7 +25,7 @@ with two losses summed every step:
 It runs in two stages. For the first `--ids-steps` steps every repeated sequence is random
 token ids, which nothing but their first occurrence predicts: the cleanest signal, and the
 one on which an induction head forms (in the shipped run the copying loss sat near chance,
-ln 4096 = 8.3 nats, for about 450 steps, then fell below 1 within 250). Such a head copies
+ln 4096 = 8.3 nats, for about 480 steps, then fell below 1 within 200). Such a head copies
 random ids but hardly helps on text, whose tokens recur: 'ke' or '_' alone does not say
 which earlier occurrence to copy from. So from then on the sequences are in turn random ids,
 words of random syllables (common tokens, only their order is new) and stretches of the
